@@ -1,0 +1,143 @@
+"""The StreamingLLM compression as pure tensor functions.
+
+Nothing here imports transformers: these functions work on plain key/value tensors of
+shape ``[batch, kv_heads, seq, head_dim]`` and are what every adapter shares.
+
+StreamingLLM (Xiao et al., 2023, arXiv:2309.17453) keeps the first ``n_sink`` entries
+of a stream (the "attention sinks") and the most recent ``capacity - n_sink`` entries,
+and drops the middle.
+
+Example
+-------
+>>> import torch
+>>> k = torch.arange(10.).view(1, 1, 10, 1)
+>>> keys, _ = compress(k, k, n_sink=2, capacity=5)
+>>> keys.flatten().tolist()
+[0.0, 1.0, 7.0, 8.0, 9.0]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "validate_budget",
+    "sink_window_indices",
+    "compress",
+    "rope_rotate",
+]
+
+
+def validate_budget(n_sink: int, capacity: int) -> None:
+    """Raise ``ValueError`` unless ``0 <= n_sink < capacity`` (both integers).
+
+    >>> validate_budget(4, 256)
+    """
+    if isinstance(n_sink, bool) or not isinstance(n_sink, int):
+        raise ValueError(f"n_sink must be an int, got {type(n_sink).__name__} ({n_sink!r})")
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise ValueError(f"capacity must be an int, got {type(capacity).__name__} ({capacity!r})")
+    if n_sink < 0:
+        raise ValueError(f"n_sink must be >= 0 (the number of first tokens kept as attention sinks), got {n_sink}")
+    if capacity <= n_sink:
+        raise ValueError(
+            f"capacity must be greater than n_sink: the cache keeps n_sink={n_sink} sinks plus at least one "
+            f"recent token, got capacity={capacity}. Use e.g. capacity={n_sink + 252}."
+        )
+
+
+def sink_window_indices(
+    seq_len: int, n_sink: int, capacity: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Indices kept out of ``seq_len`` entries: ``[0, n_sink)`` then the last ``capacity - n_sink``.
+
+    Returns all of ``range(seq_len)`` when ``seq_len <= capacity``. Indices are sorted, so
+    the kept entries stay in stream order.
+
+    >>> sink_window_indices(10, 2, 5).tolist()
+    [0, 1, 7, 8, 9]
+    """
+    validate_budget(n_sink, capacity)
+    if seq_len <= capacity:
+        return torch.arange(seq_len, device=device)
+    window = capacity - n_sink
+    return torch.cat(
+        [torch.arange(n_sink, device=device), torch.arange(seq_len - window, seq_len, device=device)]
+    )
+
+
+def compress(
+    keys: torch.Tensor, values: torch.Tensor, n_sink: int, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the sinks and the most recent window of a key/value pair along the sequence axis.
+
+    ``keys`` and ``values`` are ``[batch, kv_heads, seq, head_dim]`` (``values`` may have a
+    different last dimension). Returns new tensors of length ``min(seq, capacity)``; the
+    inputs are returned unchanged when nothing needs to go.
+
+    >>> k = torch.zeros(2, 3, 300, 8)
+    >>> compress(k, k, 4, 256)[0].shape
+    torch.Size([2, 3, 256, 8])
+    """
+    seq_len = keys.shape[-2]
+    if values.shape[-2] != seq_len:
+        raise ValueError(f"keys and values disagree on sequence length: {seq_len} vs {values.shape[-2]}")
+    validate_budget(n_sink, capacity)
+    if seq_len <= capacity:
+        return keys, values
+    window = capacity - n_sink
+    keys = torch.cat([keys[..., :n_sink, :], keys[..., seq_len - window :, :]], dim=-2)
+    values = torch.cat([values[..., :n_sink, :], values[..., seq_len - window :, :]], dim=-2)
+    return keys, values
+
+
+def rope_rotate(
+    x: torch.Tensor,
+    shift: int | torch.Tensor,
+    inv_freq: torch.Tensor,
+    rotary_dims: int | None = None,
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """Rotate RoPE-encoded vectors forward by ``shift`` positions.
+
+    ``x`` is ``[..., seq, head_dim]`` and already rotary-encoded; rotations compose, so the
+    result equals encoding the raw vector at its old position plus ``shift``. Only the first
+    ``rotary_dims`` features are rotated (GPT-NeoX's partial rotary; default: all), in
+    ``rotate_half`` layout (first half paired with second half) or, with
+    ``interleaved=True``, in adjacent pairs (GPT-J style). ``shift`` is an int or a tensor
+    broadcastable to ``x.shape[:-2]`` (one shift per batch row, say).
+
+    Angles are computed in float64 and reduced modulo 2*pi before the single cast to
+    ``x.dtype``: rotating a pristine copy by a large total shift costs one rounding, however
+    large the shift.
+
+    >>> inv_freq = torch.tensor([1.0, 0.1])
+    >>> x = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    >>> rope_rotate(rope_rotate(x, 3, inv_freq), -3, inv_freq).allclose(x)
+    True
+    """
+    head_dim = x.shape[-1]
+    rotary_dims = head_dim if rotary_dims is None else rotary_dims
+    if rotary_dims % 2 or rotary_dims > head_dim:
+        raise ValueError(f"rotary_dims must be even and <= head_dim ({head_dim}), got {rotary_dims}")
+    if inv_freq.numel() != rotary_dims // 2:
+        raise ValueError(f"inv_freq has {inv_freq.numel()} frequencies, expected rotary_dims/2 = {rotary_dims // 2}")
+    shift = torch.as_tensor(shift, dtype=torch.float64, device=x.device)
+    # [..., 1, rotary_dims/2]: broadcast over the sequence axis
+    angles = shift.reshape(*shift.shape, 1, 1) * inv_freq.to(device=x.device, dtype=torch.float64)
+    angles = torch.remainder(angles, 2 * math.pi)
+    cos, sin = angles.cos(), angles.sin()
+
+    rot = x[..., :rotary_dims].to(torch.float64)
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    else:
+        half = rotary_dims // 2
+        x1, x2 = rot[..., :half], rot[..., half:]
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    if rotary_dims == head_dim:
+        return out.to(x.dtype)
+    return torch.cat([out.to(x.dtype), x[..., rotary_dims:]], dim=-1)

@@ -1,0 +1,166 @@
+"""The adapter registry: one pluggy ``PluginManager`` fed by the ``kvpress_lite`` entry points.
+
+Built-in and third-party adapters arrive through the same door. A plugin that fails to
+import, or whose hook raises, is reported with a warning naming it and is skipped; the
+others keep working. ``KVPRESS_LITE_PLUGINS=name1,name2`` restricts which entry points load
+(useful in tests); ``KVPRESS_LITE_PLUGINS=`` (empty) loads none.
+
+>>> [a.name for a in available_adapters()]  # doctest: +SKIP
+['gpt2', 'gpt_neox', 'llama']
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Optional
+
+import pluggy
+from torch import nn
+
+from . import hookspecs
+from .adapter import Adapter
+from .errors import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "kvpress_lite"
+PLUGINS_ENV = "KVPRESS_LITE_PLUGINS"
+
+HOW_TO_ADD = (
+    "To support another family, publish a plugin: a module with a `kvpress_lite_register_adapters(register)` "
+    "hook (decorated with `kvpress_lite.hookimpl`) that calls `register(kvpress_lite.Adapter(...))`, declared under "
+    "`[project.entry-points.kvpress_lite]` in its pyproject.toml. See the README, 'Writing an adapter plugin'."
+)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """An adapter found in the registry, with where it came from."""
+
+    name: str
+    model_types: tuple[str, ...]
+    plugin: str
+    distribution: Optional[str]
+    version: Optional[str]
+    adapter: Adapter
+
+
+class Registry:
+    """Loads plugins once and answers which adapter serves a model."""
+
+    def __init__(self) -> None:
+        self.manager = pluggy.PluginManager(hookspecs.PROJECT)
+        self.manager.add_hookspecs(hookspecs)
+        self.problems: list[str] = []
+        self._dists: dict[str, tuple[Optional[str], Optional[str]]] = {}
+        self._adapters: Optional[dict[str, AdapterInfo]] = None
+
+    # -- loading -----------------------------------------------------------------
+    def load_entry_points(self) -> None:
+        wanted = os.environ.get(PLUGINS_ENV)
+        allowed = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if allowed is not None and ep.name not in allowed:
+                continue
+            if self.manager.has_plugin(ep.name):
+                continue
+            dist = getattr(ep, "dist", None)
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken plugin must not take the others down
+                self._report(f"kvpress-lite plugin {ep.name!r} ({ep.value}) failed to import and was skipped: {exc!r}")
+                continue
+            self.register_plugin(plugin, ep.name, dist.metadata["Name"] if dist else None, dist.version if dist else None)
+
+    def register_plugin(self, plugin: Any, name: str, distribution: str | None = None, version: str | None = None) -> None:
+        """Register a plugin object (module or instance) by hand, e.g. in a test or a notebook."""
+        self.manager.register(plugin, name=name)
+        self._dists[name] = (distribution, version)
+        self._adapters = None
+
+    def _report(self, message: str) -> None:
+        self.problems.append(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        logger.warning(message)
+
+    # -- adapters ------------------------------------------------------------------
+    def adapters(self) -> dict[str, AdapterInfo]:
+        if self._adapters is not None:
+            return self._adapters
+        found: dict[str, AdapterInfo] = {}
+        for impl in self.manager.hook.kvpress_lite_register_adapters.get_hookimpls():
+            plugin_name = impl.plugin_name
+            dist, version = self._dists.get(plugin_name, (None, None))
+            collected: list[Adapter] = []
+
+            def register(adapter: Adapter, _sink: list = collected) -> None:
+                if not isinstance(adapter, Adapter):
+                    raise TypeError(f"register() takes a kvpress_lite.Adapter, got {type(adapter).__name__}")
+                _sink.append(adapter)
+
+            try:
+                impl.function(register=register)
+            except Exception as exc:
+                self._report(f"kvpress-lite plugin {plugin_name!r} raised in kvpress_lite_register_adapters and was skipped: {exc!r}")
+                continue
+            for adapter in collected:
+                if adapter.name in found:
+                    self._report(
+                        f"adapter name {adapter.name!r} from plugin {plugin_name!r} is already provided by "
+                        f"plugin {found[adapter.name].plugin!r}; the later one is ignored"
+                    )
+                    continue
+                found[adapter.name] = AdapterInfo(adapter.name, adapter.model_types, plugin_name, dist, version, adapter)
+        self._adapters = found
+        return found
+
+    def find(self, model: nn.Module, name: str | None = None) -> Adapter:
+        adapters = self.adapters()
+        listing = ", ".join(f"{a.name} ({', '.join(a.model_types)}; from {a.distribution or a.plugin})" for a in adapters.values()) or "none"
+        if name is not None:
+            if name not in adapters:
+                raise UnsupportedModelError(f"no adapter named {name!r}. Adapters found: {listing}. {HOW_TO_ADD}")
+            return adapters[name].adapter
+        matching = [a for a in adapters.values() if a.adapter.matches(model)]
+        if not matching:
+            config = getattr(model, "config", None)
+            raise UnsupportedModelError(
+                f"no kvpress-lite adapter recognises {type(model).__name__} "
+                f"(model_type={getattr(config, 'model_type', None)!r}). Adapters found: {listing}. {HOW_TO_ADD}"
+            )
+        if len(matching) > 1:
+            logger.warning(
+                "several adapters match %s: %s; using %r (pass adapter=... to choose)",
+                type(model).__name__, [a.name for a in matching], matching[0].name,
+            )
+        return matching[0].adapter
+
+
+_REGISTRY: Optional[Registry] = None
+
+
+def get_registry(reload: bool = False) -> Registry:
+    """The process-wide registry, loading entry points on first use (or again with ``reload=True``)."""
+    global _REGISTRY
+    if _REGISTRY is None or reload:
+        _REGISTRY = Registry()
+        _REGISTRY.load_entry_points()
+    return _REGISTRY
+
+
+def available_adapters() -> list[AdapterInfo]:
+    """Every adapter found, with the plugin and distribution that provided it.
+
+    >>> sorted(a.name for a in available_adapters())  # doctest: +SKIP
+    ['gpt2', 'gpt_neox', 'llama']
+    """
+    return sorted(get_registry().adapters().values(), key=lambda a: a.name)
+
+
+def find_adapter(model: nn.Module, name: str | None = None) -> Adapter:
+    """The adapter serving ``model`` (or the one called ``name``); raises :class:`UnsupportedModelError`."""
+    return get_registry().find(model, name)
