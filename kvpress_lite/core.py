@@ -27,6 +27,9 @@ __all__ = [
     "sink_window_indices",
     "compress",
     "rope_rotate",
+    "rope_phase",
+    "to_rotary_pairs",
+    "write_rotated",
 ]
 
 
@@ -141,3 +144,49 @@ def rope_rotate(
     if rotary_dims == head_dim:
         return out.to(x.dtype)
     return torch.cat([out.to(x.dtype), x[..., rotary_dims:]], dim=-1)
+
+
+# -- the same rotation split in three, for the press's hot path -------------------------
+# A sink key's rotary features are held as complex numbers (one per frequency); rotating
+# by `shift` positions is then one complex multiplication by a phase that is shared by
+# every layer of the model, computed once per step.
+
+
+def rope_phase(shift: int | torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``exp(i * shift * inv_freq)`` in complex128, angles reduced mod 2*pi in float64.
+
+    ``shift`` is an int or a ``[batch]`` tensor; the result is ``[rotary_dims/2]`` or
+    ``[batch, 1, 1, rotary_dims/2]`` (broadcasting over heads and sequence).
+
+    >>> rope_phase(0, torch.ones(2)).tolist()
+    [(1+0j), (1+0j)]
+    """
+    inv_freq = inv_freq.to(torch.float64)
+    if isinstance(shift, torch.Tensor):
+        shift = shift.to(device=inv_freq.device, dtype=torch.float64).view(-1, 1, 1, 1)
+    angles = torch.remainder(shift * inv_freq, 2 * math.pi)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def to_rotary_pairs(x: torch.Tensor, rotary_dims: int, interleaved: bool = False) -> torch.Tensor:
+    """The rotary features of ``x`` ``[..., head_dim]`` as complex128 ``[..., rotary_dims/2]``."""
+    rot = x[..., :rotary_dims].to(torch.float64)
+    if interleaved:
+        return torch.view_as_complex(rot.unflatten(-1, (-1, 2)).contiguous())
+    half = rotary_dims // 2
+    return torch.complex(rot[..., :half], rot[..., half:])
+
+
+def write_rotated(dest: torch.Tensor, pairs: torch.Tensor, phase: torch.Tensor, interleaved: bool = False) -> None:
+    """Write ``pairs * phase`` into the rotary features of ``dest`` in place (one rounding).
+
+    Inverse of :func:`to_rotary_pairs`: ``write_rotated(x, to_rotary_pairs(x, d), rope_phase(s, f))``
+    equals ``rope_rotate(x, s, f, d)``.
+    """
+    rotated = pairs * phase
+    half = pairs.shape[-1]
+    if interleaved:
+        dest[..., : 2 * half].copy_(torch.view_as_real(rotated).flatten(-2))
+    else:
+        dest[..., :half].copy_(rotated.real)
+        dest[..., half : 2 * half].copy_(rotated.imag)

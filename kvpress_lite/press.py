@@ -29,7 +29,7 @@ from . import cache_access
 from .adapter import Adapter, LearnedPositions, PositionScheme, Rope, base_model
 from .core import validate_budget
 from .errors import PressAlreadyAppliedError, UnsupportedGenerationError
-from .stream import CallPlan, LayerState, Stream, apply_plan, plan_call, positions_for
+from .stream import CallPlan, LayerState, Stream, apply_plan, commit_plan, plan_call, positions_for
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class StreamingLLMPress:
             return (), self._run_prefix_chunks(module, kwargs, q, chunk)
 
         if isinstance(self.positions, LearnedPositions) and not self.position_shift:
-            last = int(stream.real_seen.max()) + q
+            last = int(stream.real_seen if not stream.padded else stream.real_seen.max()) + q
             if last > self.positions.max_positions:
                 raise UnsupportedGenerationError(
                     f"position_shift=False keeps absolute positions, and this stream reaches position {last - 1}, past "
@@ -273,18 +273,13 @@ class StreamingLLMPress:
         if plan is None:
             return None
         stream = plan.stream
-        new_valid = self._call_new_valid
-        stream.real_seen = stream.real_seen + (plan.q if new_valid is None else new_valid.sum(1).cpu())
-        stream.stored = plan.total if plan.kind == "none" else stream.capacity
-        stream.next_slot, stream.shift, stream.valid = plan.next_slot_after, plan.shift_after, plan.valid_after
-        if plan.kind == "gather":
-            stream.sinks_fixed = True
+        commit_plan(plan, self._call_new_valid)
         stats = self.stats
         if plan.kind != "none":
             stats.compressions += 1
             stats.evicted_tokens += plan.evicted
         stats.cache_length = [stream.stored] * self._n_layers
-        stats.seen_tokens = int(stream.real_seen.max())
+        stats.seen_tokens = int(stream.real_seen if not stream.padded else stream.real_seen.max())
         stats.capacity = stream.capacity
         return None if self._chunk_outputs is None or self._chunk_outputs == [] else self._stitch(output)
 
@@ -322,11 +317,14 @@ class StreamingLLMPress:
                 "under this press; start from an empty cache after applying the press"
             )
         stream = Stream(self.n_sink, capacity, batch)
-        stream.stored = existing
-        stream.real_seen += existing
+        stream.stored = stream.real_seen = existing
         mask = attention_mask
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
-            stream.valid = mask[:, : existing].bool().cpu() if existing else torch.zeros(batch, 0, dtype=torch.bool)
+            if existing:
+                raise UnsupportedGenerationError(
+                    "a padded batch must start from an empty cache when the press is applied"
+                )
+            stream.start_padding(torch.zeros(batch, 0, dtype=torch.bool))
         else:
             stream.sinks_fixed = True
         self._streams[key] = stream

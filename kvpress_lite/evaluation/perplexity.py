@@ -1,0 +1,405 @@
+"""Streaming perplexity, the way the StreamingLLM paper measures it.
+
+One token goes in per model call; the logits of that call score the *next* token.
+``nll[i]`` is the negative log-likelihood of ``input_ids[i + 1]`` given what the method
+lets the model see of ``input_ids[: i + 1]``; there are ``T - 1`` of them.
+
+Methods (``capacity`` = C, ``n_sink`` = S):
+
+``dense``
+    No press: every token sees the whole prefix. Computed by teacher forcing in chunks of
+    ``dense_chunk`` tokens over a growing cache, which gives the same numbers as feeding
+    one token at a time (``dense_chunk=1``), much faster.
+``window``
+    The press with ``n_sink=0``: the most recent C tokens only (window attention).
+``sinks_noshift``
+    The press with S sinks + C - S recent tokens, positions left absolute
+    (``position_shift=False``).
+``sinks``
+    StreamingLLM: S sinks + C - S recent tokens, positions within the cache.
+``recompute``
+    Sliding window with re-computation (the paper's oracle-like baseline): for every
+    scored token, the most recent tokens are re-encoded from scratch, with no cache, at
+    positions 0, 1, ... The window holds the token itself plus the C tokens before it
+    (C + 1 tokens), exactly the span a query attends to under the press (C stored
+    entries + itself), so the two differ only in how those states were computed.
+``recompute_sinks``
+    The same with the first S tokens of the text kept at the front of every window
+    (S sinks + the C + 1 - S most recent tokens, positions 0..C). Not in the default set.
+
+Re-computation costs one forward of C + 1 tokens per scored token. ``stride=k`` scores
+only every k-th token (``i % k == 0``) with it; the streaming methods still have to feed
+every token, and score them all since it costs nothing, but :func:`compare_methods`
+reports every method on the tokens that *all* methods scored, so the comparison is fair.
+
+Example
+-------
+>>> from kvpress_lite.evaluation.perplexity import compare_methods
+>>> out = compare_methods(model, ids, ["dense", "sinks", "recompute"],
+...                       n_sink=4, capacity=256, stride=4)   # doctest: +SKIP
+>>> out["summary"]["sinks"]["ppl"]                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import sys
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("dense", "window", "sinks_noshift", "sinks", "recompute")
+EXTRA_METHODS = ("recompute_sinks",)
+ALL_METHODS = METHODS + EXTRA_METHODS
+
+DESCRIPTIONS = {
+    "dense": "full cache (no press)",
+    "window": "window attention: press n_sink=0",
+    "sinks_noshift": "StreamingLLM press, absolute positions",
+    "sinks": "StreamingLLM press, positions within the cache",
+    "recompute": "sliding window with re-computation",
+    "recompute_sinks": "sinks + sliding window with re-computation",
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """Name of the cache argument of ``model.forward``: ``cache`` (late transformers 5.x) or ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(f"{type(model).__name__}.forward takes neither 'cache' nor 'past_key_values'")
+
+
+def output_cache(output: Any) -> Any:
+    """The cache returned by a model call, whatever this transformers version calls it."""
+    cache = getattr(output, "cache", None)
+    if cache is None:
+        cache = getattr(output, "past_key_values", None)
+    return cache
+
+
+def _cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2])  # legacy tuple cache
+
+
+def _takes(model: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _as_ids(input_ids: Any) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.ndim == 2:
+        if ids.shape[0] != 1:
+            raise ValueError(f"one sequence at a time: input_ids has shape {tuple(ids.shape)}")
+        ids = ids[0]
+    if ids.ndim != 1 or ids.numel() < 2:
+        raise ValueError(f"need a 1-D sequence of at least 2 tokens, got shape {tuple(ids.shape)}")
+    return ids
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL. logits [n, vocab], targets [n] -> [n] (float64)."""
+    return F.cross_entropy(logits.float(), targets, reduction="none").double()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=not enabled, mininterval=2.0, smoothing=0.05)
+
+
+def ppl_of(nll: Sequence[Optional[float]] | torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
+    """exp(mean NLL) over the scored (non-NaN, in ``mask``) positions; NaN when there are none."""
+    x = torch.as_tensor([math.nan if v is None else v for v in nll], dtype=torch.float64) if not torch.is_tensor(nll) else nll.double()
+    keep = ~torch.isnan(x)
+    if mask is not None:
+        keep &= mask
+    if not keep.any():
+        return math.nan
+    return math.exp(x[keep].mean().item())
+
+
+def range_table(nll: torch.Tensor, chunk: int, mask: Optional[torch.Tensor] = None,
+                extra_ranges: Iterable[tuple[int, int]] = ()) -> list[dict]:
+    """Perplexity per range of prediction index ``[start, end)``: every ``chunk`` positions, then ``extra_ranges``."""
+    n = nll.numel()
+    bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)] if chunk else []
+    bounds += [(int(s), min(int(e), n)) for s, e in extra_ranges if int(s) < n]
+    rows = []
+    for start, end in bounds:
+        keep = ~torch.isnan(nll[start:end])
+        if mask is not None:
+            keep &= mask[start:end]
+        rows.append({"start": start, "end": end, "count": int(keep.sum()),
+                     "ppl": ppl_of(nll[start:end], keep)})
+    return rows
+
+
+def tokenize_prefix(tokenizer: Any, text: str, n_tokens: int) -> torch.Tensor:
+    """The first ``n_tokens`` tokens of ``text`` (tokenising only as much of it as needed)."""
+    chars = max(4096, n_tokens * 8)
+    while True:
+        ids = tokenizer(text[:chars]).input_ids
+        if len(ids) > n_tokens or chars >= len(text):
+            break
+        chars *= 2
+    if len(ids) < n_tokens:
+        raise ValueError(f"the text has only {len(ids)} tokens, fewer than the {n_tokens} asked for")
+    return torch.tensor(ids[:n_tokens], dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _dense(model, ids, *, chunk: int, progress: bool) -> tuple[torch.Tensor, dict]:
+    T = ids.numel()
+    nll = torch.full((T - 1,), math.nan, dtype=torch.float64)
+    kw = cache_kwarg(model)
+    cache = None
+    bar = _progress(T - 1, "dense", progress)
+    with bar:
+        for start in range(0, T - 1, chunk):
+            end = min(start + chunk, T - 1)  # feed tokens [start, end), score tokens [start+1, end+1)
+            out = model(input_ids=ids[None, start:end], **{kw: cache}, use_cache=True)
+            cache = output_cache(out)
+            nll[start:end] = _nll(out.logits[0], ids[start + 1 : end + 1])
+            bar.update(end - start)
+    return nll, {"max_cache_length": _cache_length(cache)}
+
+
+def _press_stream(model, ids, *, n_sink: int, capacity: int, position_shift: bool, desc: str,
+                  progress: bool) -> tuple[torch.Tensor, dict]:
+    try:
+        from kvpress_lite import apply_press
+    except ImportError as exc:  # pragma: no cover - the package is this one
+        raise RuntimeError(f"kvpress_lite.apply_press is not available: {exc}") from exc
+    T = ids.numel()
+    nll = torch.full((T - 1,), math.nan, dtype=torch.float64)
+    kw = cache_kwarg(model)
+    max_len = 0
+    press = apply_press(model, n_sink=n_sink, capacity=capacity, position_shift=position_shift)
+    try:
+        cache = None
+        bar = _progress(T - 1, desc, progress)
+        with bar:
+            for i in range(T - 1):
+                out = model(input_ids=ids[None, i : i + 1], **{kw: cache}, use_cache=True)
+                cache = output_cache(out)
+                nll[i] = _nll(out.logits[0, -1:], ids[i + 1 : i + 2])[0]
+                max_len = max(max_len, _cache_length(cache))
+                bar.update(1)
+        stats = press.stats
+        info = {
+            "max_cache_length": max_len,
+            "press_stats": {
+                "compressions": int(stats.compressions),
+                "evicted_tokens": int(stats.evicted_tokens),
+                "cache_length": [int(x) for x in stats.cache_length],
+            },
+        }
+    finally:
+        press.remove()
+    return nll, info
+
+
+def _recompute(model, ids, *, n_sink: int, capacity: int, stride: int, batch_size: int,
+               progress: bool, desc: str) -> tuple[torch.Tensor, dict]:
+    T = ids.numel()
+    span = capacity + 1  # tokens re-encoded for each scored token: itself + `capacity` before it
+    nll = torch.full((T - 1,), math.nan, dtype=torch.float64)
+    scored = list(range(0, T - 1, stride))
+    keep_last = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
+    bar = _progress(len(scored), desc, progress)
+    with bar:
+        # While the prefix fits the window, the window *is* the prefix (positions 0..i):
+        # one causal forward over it gives every such token exactly.
+        head = [i for i in scored if i < span]
+        if head:
+            n = min(span, T - 1)
+            logits = model(input_ids=ids[None, :n], use_cache=False).logits[0]
+            idx = torch.tensor(head)
+            nll[idx] = _nll(logits[idx], ids[idx + 1])
+            bar.update(len(head))
+        tail = [i for i in scored if i >= span]
+        for b in range(0, len(tail), batch_size):
+            batch = tail[b : b + batch_size]
+            if n_sink:
+                windows = [torch.cat([ids[:n_sink], ids[i - span + n_sink + 1 : i + 1]]) for i in batch]
+            else:
+                windows = [ids[i - span + 1 : i + 1] for i in batch]
+            out = model(input_ids=torch.stack(windows), use_cache=False, **keep_last)
+            idx = torch.tensor(batch)
+            nll[idx] = _nll(out.logits[:, -1], ids[idx + 1])
+            bar.update(len(batch))
+    return nll, {"max_cache_length": 0, "window_tokens": span}
+
+
+def streaming_perplexity(
+    model: torch.nn.Module,
+    input_ids: Any,
+    method: str,
+    n_sink: int = 4,
+    capacity: int = 256,
+    chunk_report: int = 1024,
+    progress: bool = True,
+    *,
+    stride: int = 1,
+    dense_chunk: int = 512,
+    batch_size: int = 4,
+    ranges: Iterable[tuple[int, int]] = (),
+) -> dict:
+    """Perplexity of ``model`` on ``input_ids`` under one method, token by token.
+
+    Parameters
+    ----------
+    model
+        A causal LM (eval mode). Runs under ``torch.no_grad()``.
+    input_ids
+        One sequence: ``[T]`` or ``[1, T]``.
+    method
+        One of :data:`ALL_METHODS` (see the module docstring).
+    n_sink, capacity
+        The press budget: ``n_sink`` sinks + ``capacity - n_sink`` recent tokens stored.
+        ``window`` uses ``n_sink=0`` with the same capacity.
+    chunk_report
+        Report perplexity per range of this many predictions.
+    progress
+        A tqdm bar on stderr.
+    stride
+        Score every ``stride``-th prediction (``i % stride == 0``) with ``recompute*``;
+        other methods score every prediction.
+    dense_chunk
+        Tokens per call for ``dense`` (1 = literally one at a time; same numbers).
+    batch_size
+        Windows per forward for ``recompute*``.
+    ranges
+        Extra ``(start, end)`` prediction ranges to report, e.g. ``[(10000, 12000)]``.
+
+    Returns
+    -------
+    dict
+        ``method``, ``description``, ``tokens`` (T), ``n_sink`` and ``capacity`` as used,
+        ``stride``, ``scored`` (count), ``ppl``, ``ranges`` (list of ``{start, end, count,
+        ppl}``), ``nll`` (list of T - 1 floats, ``None`` where not scored), ``seconds``,
+        ``ms_per_call`` (per scored token for recompute, per fed token otherwise),
+        ``max_cache_length`` (entries in the cache after the run: bounded by
+        ``capacity`` for the press) and, for press methods, ``press_stats``.
+    """
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
+    if stride < 1:
+        raise ValueError("stride must be >= 1")
+    if capacity <= n_sink:
+        raise ValueError(f"capacity ({capacity}) must exceed n_sink ({n_sink})")
+    ids = _as_ids(input_ids)
+    T = ids.numel()
+    sinks = {"window": 0, "recompute": 0}.get(method, n_sink) if method != "dense" else None
+    start = time.perf_counter()
+    with torch.no_grad():
+        if method == "dense":
+            nll, info = _dense(model, ids, chunk=max(1, dense_chunk), progress=progress)
+            calls = T - 1
+        elif method.startswith("recompute"):
+            nll, info = _recompute(model, ids, n_sink=sinks, capacity=capacity, stride=stride,
+                                   batch_size=max(1, batch_size), progress=progress, desc=method)
+            calls = int((~torch.isnan(nll)).sum())
+        else:
+            nll, info = _press_stream(model, ids, n_sink=sinks, capacity=capacity,
+                                      position_shift=(method != "sinks_noshift"), desc=method,
+                                      progress=progress)
+            calls = T - 1
+    seconds = time.perf_counter() - start
+    result = {
+        "method": method,
+        "description": DESCRIPTIONS[method],
+        "tokens": T,
+        "n_sink": sinks,
+        "capacity": None if method == "dense" else capacity,
+        "stride": stride if method.startswith("recompute") else 1,
+        "scored": int((~torch.isnan(nll)).sum()),
+        "ppl": ppl_of(nll),
+        "ranges": range_table(nll, chunk_report, extra_ranges=ranges),
+        "seconds": round(seconds, 2),
+        "ms_per_call": round(1000 * seconds / max(1, calls), 2),
+        **info,
+        "nll": [None if math.isnan(v) else round(v, 6) for v in nll.tolist()],
+    }
+    logger.info("%s: ppl %.3f over %d tokens in %.1f s", method, result["ppl"], result["scored"], seconds)
+    return result
+
+
+def compare_methods(
+    model: torch.nn.Module,
+    input_ids: Any,
+    methods: Sequence[str] = METHODS,
+    n_sink: int = 4,
+    capacity: int = 256,
+    chunk_report: int = 1024,
+    progress: bool = True,
+    *,
+    stride: int = 1,
+    dense_chunk: int = 512,
+    batch_size: int = 4,
+    ranges: Iterable[tuple[int, int]] = (),
+) -> dict:
+    """Run several methods on the same tokens and summarise them on a common footing.
+
+    Returns ``{"results": {method: streaming_perplexity(...)}, "summary": {method: {...}},
+    "scored_by_all": int, ...}``. Every summary entry (``ppl``, ``ranges``) is computed
+    over the predictions that **all** methods scored (with ``stride`` > 1 and a
+    ``recompute*`` method: every ``stride``-th); ``ppl_own`` is over the method's own
+    scored predictions.
+    """
+    methods = list(dict.fromkeys(methods))
+    for m in methods:
+        if m not in ALL_METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
+    ranges = list(ranges)
+    ids = _as_ids(input_ids)
+    results = {}
+    for m in methods:
+        results[m] = streaming_perplexity(model, ids, m, n_sink=n_sink, capacity=capacity,
+                                          chunk_report=chunk_report, progress=progress, stride=stride,
+                                          dense_chunk=dense_chunk, batch_size=batch_size, ranges=ranges)
+    nlls = {m: torch.tensor([math.nan if v is None else v for v in r["nll"]], dtype=torch.float64)
+            for m, r in results.items()}
+    common = torch.ones(ids.numel() - 1, dtype=torch.bool)
+    for x in nlls.values():
+        common &= ~torch.isnan(x)
+    summary = {
+        m: {
+            "ppl": ppl_of(nlls[m], common),
+            "ppl_own": results[m]["ppl"],
+            "ranges": range_table(nlls[m], chunk_report, common, ranges),
+            "seconds": results[m]["seconds"],
+            "ms_per_call": results[m]["ms_per_call"],
+            "max_cache_length": results[m]["max_cache_length"],
+        }
+        for m in methods
+    }
+    return {
+        "tokens": ids.numel(),
+        "n_sink": n_sink,
+        "capacity": capacity,
+        "stride": stride,
+        "chunk_report": chunk_report,
+        "extra_ranges": [list(r) for r in ranges],
+        "scored_by_all": int(common.sum()),
+        "methods": methods,
+        "summary": summary,
+        "results": results,
+    }
