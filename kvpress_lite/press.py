@@ -238,6 +238,7 @@ class StreamingLLMPress:
                     f"position_shift=False keeps absolute positions, and this stream reaches position {last - 1}, past "
                     f"the {self.positions.max_positions} learned positions of the model. Use position_shift=True."
                 )
+        _check_not_rewound(kwargs, stream)
         plan = plan_call(stream, q, new_valid)
         kwargs["position_ids"] = positions_for(stream, plan, new_valid, self.positions, self.position_shift).to(tokens.device)
         if "cache_position" in self._base_kwargs:  # transformers < 5.x: mask and cache read it
@@ -421,6 +422,28 @@ def _find_cache(kwargs: dict) -> tuple[Optional[str], Any]:
                 )
             return name, cache
     return None, None
+
+
+def _check_not_rewound(kwargs: dict, stream: Stream) -> None:
+    """generate() hands absolute positions; if they start before the tokens the stream already
+    took in, generation went back (assisted/speculative decoding rejected tokens and cropped
+    the cache) and the compacted cache cannot follow."""
+    given = kwargs.get("position_ids")
+    if given is None:
+        given = kwargs.get("cache_position")  # transformers 4.x, absolute in generate()
+        expected = stream.real_seen if not stream.padded else None
+    else:
+        expected = stream.real_seen
+    if given is None or expected is None or given.numel() == 0:
+        return
+    first = given.reshape(-1, given.shape[-1])[:, 0].cpu()
+    if bool((first < torch.as_tensor(expected)).any()):
+        stream.broken = True
+        raise UnsupportedGenerationError(
+            "the stream went back: this call starts at a position the press has already taken in. That is what "
+            "assisted/speculative decoding (or a manual cache crop) does when it rejects tokens; the press serves "
+            "greedy and sampling decoding only."
+        )
 
 
 def _absolute(model: nn.Module, adapter: Adapter) -> PositionScheme:

@@ -1,7 +1,5 @@
 """Bad input gets a clear error naming what was wrong and what to do; nothing half-done."""
 
-import copy
-
 import pytest
 import torch
 from transformers import OPTConfig, OPTForCausalLM
@@ -83,9 +81,9 @@ def test_static_cache_is_refused():
 
 def test_assisted_decoding_is_refused():
     model = tiny_model("llama")
-    assistant = copy.deepcopy(model)
+    assistant = tiny_model("llama", num_hidden_layers=1)  # a different model, so some drafts get rejected
     with kvl.apply_press(model, n_sink=4, capacity=16):
-        with pytest.raises(kvl.UnsupportedGenerationError, match="assisted"):
+        with pytest.raises(kvl.UnsupportedGenerationError, match="assisted|went back"):
             model.generate(torch.randint(0, 128, (1, 8)), assistant_model=assistant, max_new_tokens=40,
                            min_new_tokens=40, do_sample=False, pad_token_id=0)
 

