@@ -29,7 +29,7 @@ from . import cache_access
 from .adapter import Adapter, LearnedPositions, PositionScheme, Rope, base_model
 from .core import validate_budget
 from .errors import PressAlreadyAppliedError, UnsupportedGenerationError
-from .stream import CallPlan, LayerState, Stream, apply_plan, commit_plan, plan_call, positions_for
+from .stream import CallPlan, LayerState, Stream, apply_plan, commit_plan, plan_call, positions_for, rebase
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,9 @@ class StreamingLLMPress:
         self._streams: "weakref.WeakKeyDictionary[Any, Stream]" = weakref.WeakKeyDictionary()
         self._call: Optional[CallPlan] = None
         self._chunk_outputs: Optional[list] = None
+        # RoPE positions handed to the model stay below this (see stream.rebase); 2**15 keeps
+        # float32 angles within ~2e-3 rad at the highest frequency.
+        self._rebase_period = max(2**15, 4 * (self.capacity or 0))
 
     # -- lifecycle ---------------------------------------------------------------------
     def register(self, model: nn.Module, adapter: Adapter | str | None = None) -> "StreamingLLMPress":
@@ -239,6 +242,9 @@ class StreamingLLMPress:
                     f"the {self.positions.max_positions} learned positions of the model. Use position_shift=True."
                 )
         _check_not_rewound(kwargs, stream)
+        if self.position_shift and isinstance(self.positions, Rope) and self.positions.rotary_dims:
+            if rebase(stream, cache_access.cache_layers(kwargs[cache_name]), self.positions, self._rebase_period):
+                logger.debug("kvpress-lite: rebased positions by %d", stream.offset)
         plan = plan_call(stream, q, new_valid)
         kwargs["position_ids"] = positions_for(stream, plan, new_valid, self.positions, self.position_shift).to(tokens.device)
         if "cache_position" in self._base_kwargs:  # transformers < 5.x: mask and cache read it

@@ -23,7 +23,7 @@ from typing import Optional, Union
 import torch
 
 from .adapter import LearnedPositions, PositionScheme, Rope
-from .core import rope_phase, to_rotary_pairs, write_rotated
+from .core import rope_phase, rope_rotate, to_rotary_pairs, write_rotated
 
 
 @dataclass
@@ -43,6 +43,7 @@ class Stream:
     real_seen: Union[int, torch.Tensor] = 0  # real (non-pad) tokens taken in
     shift: Union[int, torch.Tensor] = 0  # real tokens evicted = how far the sinks move
     valid: Optional[torch.Tensor] = None  # [batch, stored] bool, padded streams only
+    offset: int = 0  # subtracted from every RoPE position handed to the model (see rebase)
     sinks_fixed: bool = False  # True once the sinks sit at slots [0, n_sink)
     broken: bool = False
     layers: list[LayerState] = field(default_factory=list)
@@ -186,10 +187,34 @@ def apply_plan(plan: CallPlan, layer, state: LayerState, positions: PositionSche
             if state.sink_pairs is None:  # first eviction: the sinks still carry their original rotation
                 state.sink_pairs = to_rotary_pairs(sinks, positions.rotary_dims, positions.interleaved)
             if plan.phase is None:
-                plan.phase = rope_phase(plan.shift_after, positions.inv_freq).to(keys.device)
+                plan.phase = rope_phase(plan.shift_after - stream.offset, positions.inv_freq).to(keys.device)
             write_rotated(sinks, state.sink_pairs, plan.phase, positions.interleaved)
     layer.keys, layer.values = keys, values
     state.keys_ref = keys
+
+
+def rebase(stream: Stream, layers: list, positions: Rope, period: int) -> bool:
+    """Keep RoPE positions small however long the stream runs.
+
+    The query and the window keys carry absolute positions, and float32 angles lose
+    precision as positions grow (0.06 rad of spacing at position 1e6). Once the positions
+    handed to the model pass ``period``, every stored key is rotated back by ``R`` positions
+    (one float64 rotation, O(capacity) once per ``R`` tokens, so a key is rebased at most once
+    while it lives when ``R`` exceeds the window) and ``R`` is subtracted from every later
+    position; the sinks follow through their phase. Returns True when it rebased.
+    """
+    seen = int(stream.real_seen if not stream.padded else stream.real_seen.min())
+    if stream.stored < stream.capacity or not stream.sinks_fixed or seen - stream.offset < period:
+        return False
+    step = seen - stream.offset - stream.capacity
+    with torch.no_grad():
+        for layer in layers[: len(stream.layers)]:
+            # the sinks too: they carry the phase written for this step in the old coordinates
+            # (the next trim rewrites them from their pristine copy in the new ones)
+            stored = layer.keys[..., : stream.stored, :]
+            stored.copy_(rope_rotate(stored, -step, positions.inv_freq, positions.rotary_dims, positions.interleaved))
+    stream.offset += step
+    return True
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -214,6 +239,8 @@ def positions_for(stream: Stream, plan: CallPlan, new_valid: Optional[torch.Tens
         pos = torch.arange(stream.real_seen, stream.real_seen + q).view(1, -1).expand(stream.batch, q)
     else:
         pos = (stream.real_seen.view(-1, 1) + new_valid.long().cumsum(1) - 1).clamp(min=0)
+    if stream.offset:
+        pos = pos - stream.offset
     if isinstance(scheme, LearnedPositions) and position_shift:
         bound = (stream.capacity - q) + torch.arange(q).view(1, -1)
         pos = torch.minimum(pos, bound).clamp(min=0)

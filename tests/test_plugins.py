@@ -69,6 +69,7 @@ def test_broken_plugins_are_reported_by_name_and_skipped(installed_plugins):
     assert len(reg.problems) == 2
 
 
+@pytest.mark.filterwarnings("ignore:kvpress-lite plugin")
 def test_plugin_selection_by_environment(monkeypatch):
     monkeypatch.setenv(registry.PLUGINS_ENV, "llama")
     try:

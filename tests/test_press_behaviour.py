@@ -194,3 +194,21 @@ def test_dynamic_rope_is_refused_but_allowed_without_shift():
     with pytest.raises(kvl.UnsupportedModelError, match="'dynamic' .* not supported"):
         kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY)
     kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY, position_shift=False).remove()
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_rebase_keeps_rope_positions_small_without_changing_logits(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(10))
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
+        plain = loop_logits(model, ids, 10)
+    handed = []
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY) as press:
+        press._rebase_period = 3 * CAPACITY  # instead of 2**15, so a short test rebases several times
+        # registered after the press's own pre-hook, so it sees the positions the press hands on
+        handle = model.base_model.register_forward_pre_hook(
+            lambda m, args, kwargs: handed.append(int(kwargs["position_ids"].max())), with_kwargs=True)
+        rebased = loop_logits(model, ids, 10)
+        handle.remove()
+    assert max(handed) < 3 * CAPACITY and handed[-1] < 100  # without the rebase the last would be 398
+    torch.testing.assert_close(rebased, plain, atol=1e-4, rtol=0)
