@@ -102,6 +102,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout)")
     o.add_argument("--markdown", metavar="PATH", help="write the markdown report ('-': stdout)")
     o.add_argument("--plot", metavar="DIR", help="write latency.png and memory.png into DIR")
+    o.add_argument("--from-json", metavar="PATH",
+                   help="measure nothing: recompute targets, markdown and plots from an earlier results.json")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--list", action="store_true", help="list presets and models, then exit")
 
@@ -126,8 +128,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kvpress-lite bench: {exc}", file=sys.stderr)
         return 2
-    command = "kvpress-lite bench " + " ".join(shlex.quote(a) for a in getattr(args, "argv", None) or sys.argv[2:])
-    results = run_benchmark(cfg, command=command)
+    if args.from_json:
+        import json
+
+        from .report import compute_targets
+
+        results = json.loads(Path(args.from_json).read_text())
+        results["targets"] = compute_targets(results)
+    else:
+        command = "kvpress-lite bench " + " ".join(shlex.quote(a) for a in getattr(args, "argv", None) or sys.argv[2:])
+        results = run_benchmark(cfg, command=command)
 
     json_path, md_path, plot_dir = args.json, args.markdown, args.plot
     if args.out:

@@ -111,6 +111,7 @@ class Method:
     name = "method"
     label = "method"
     how = ""
+    warmup = True  # take an untimed step before timing when no memory step does it
 
     def __init__(self, ctx: ModelContext) -> None:
         self.ctx = ctx
@@ -255,7 +256,16 @@ class WindowOnly(Method):
         self.note = None
 
     def step(self) -> None:
-        self.model(input_ids=self.ctx.token(self.steps), **{self.ctx.cache_kwarg: self.cache, "use_cache": True})
+        try:
+            self.model(input_ids=self.ctx.token(self.steps), **{self.ctx.cache_kwarg: self.cache, "use_cache": True})
+        except IndexError as exc:
+            limit, position = self.ctx.max_positions, self.stream_position()
+            if limit is not None and position is not None and position >= limit:
+                raise IndexError(
+                    f"{exc}: the sliding-window cache keeps absolute positions, and position {position} is past the "
+                    f"{limit} learned positions of the model"
+                ) from exc
+            raise
         self.steps += 1
 
     def kv_bytes(self) -> int:
@@ -341,6 +351,7 @@ class Recompute(Method):
     """Sliding window with re-computation: re-encode sinks + window from scratch for every token."""
 
     name = "recompute"
+    warmup = False  # one forward of `capacity` tokens: no first-call effect worth its cost
 
     def __init__(self, ctx: ModelContext, n_sink: int, capacity: int) -> None:
         super().__init__(ctx)
@@ -371,6 +382,42 @@ class Recompute(Method):
 
     def release(self) -> None:
         self.window = None
+
+
+class Pinned(Method):
+    """Another method held at its own stream length, to time two lengths side by side."""
+
+    def __init__(self, inner: Method, length: int, name: str) -> None:
+        super().__init__(inner.ctx)
+        self.inner, self.length, self.name = inner, length, name
+        self.label = f"{inner.label}, at stream length {length}"
+        self.how = inner.how
+        self.warmup = inner.warmup
+
+    def prepare(self, length: int) -> None:
+        self.inner.prepare(self.length)
+        self.note = self.inner.note
+
+    def step(self) -> None:
+        self.inner.step()
+
+    def after_step(self) -> None:
+        self.inner.after_step()
+
+    def kv_bytes(self) -> int:
+        return self.inner.kv_bytes()
+
+    def kv_length(self) -> int:
+        return self.inner.kv_length()
+
+    def stream_position(self) -> Optional[int]:
+        return self.inner.stream_position()
+
+    def release(self) -> None:
+        self.inner.release()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def kvpress_streaming(ctx: ModelContext, n_sink: int, capacity: int) -> Method:

@@ -1,18 +1,19 @@
 """The end-to-end benchmark: every method on every model, at every stream length.
 
-For one model and one stream length the runner
+For one model and one stream length the runner does
 
-1. brings every method to that length (``prepare``: the press streams for real, dense
-   and window caches are filled, see :mod:`.methods`);
-2. **memory phase**: one method at a time, with nothing else of size alive except the
-   press streams (which hold ``capacity`` entries each): reset the peak-memory probe, decode
-   one token, read the peak; record the KV bytes. This step also serves as warm-up;
-3. **timing phase**: all methods rebuilt side by side, then ``repeats`` rounds in which
+1. a **memory phase**: one method at a time, it brings the method to that length
+   (``prepare``: the press streams for real, dense and window caches are filled, see
+   :mod:`.methods`), resets the peak-memory probe, decodes one token and reads the peak and
+   the KV bytes; nothing else of size is alive but the press streams (``capacity`` entries
+   each). The step doubles as warm-up;
+2. a **timing phase**: all methods rebuilt side by side, then ``repeats`` rounds in which
    each method decodes one token, in an order rotated every round (A B C, B C A, ...), so
    slow drifts of a shared machine hit every method alike. Per-token latency is the median.
 
-Then, per model, the press and re-computation at ``recompute_capacity`` are timed the same
-way (interleaved) for the "press vs re-computation" target.
+Then, per model, two more side-by-side phases: the press at the shortest and the longest
+length (a fresh stream for the short one) with dense at both, for the flat-cost target; and
+the press against re-computation at ``recompute_capacity``.
 
 >>> cfg = BenchConfig.from_preset("tiny", lengths=[64], methods=["dense"])  # doctest: +SKIP
 >>> results = run_benchmark(cfg)                                            # doctest: +SKIP
@@ -33,7 +34,7 @@ import torch
 
 from . import shapes
 from .measure import PeakMemory, library_versions, machine_info, timed
-from .methods import Dense, Method, ModelContext, Press, Recompute, WindowOnly
+from .methods import Dense, Method, ModelContext, Pinned, Press, Recompute, WindowOnly
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,9 @@ def measure_length(
     for m in methods:
         status(f"L={length} memory {m.name}")
         cell = cells[m.name]
+        if probe is None and not m.warmup:
+            survivors.append(m)
+            continue
         try:
             m.prepare(length)  # a press stream advances here (untimed): every token runs through the model
             if probe is not None:
@@ -230,7 +234,7 @@ def run_model(spec: shapes.ModelSpec, cfg: BenchConfig, probe: Optional[PeakMemo
     """Every method at every length for one model; then press vs re-computation."""
     entry = {"name": spec.name, "family": spec.family, "description": spec.description,
              "shape": None, "notes": [], "methods": {}, "results": [], "recompute_vs_press": None,
-             "prefill": {}, "skipped": None, "seconds": None}
+             "flat_cost_side_by_side": None, "prefill": {}, "skipped": None, "seconds": None}
     start = time.perf_counter()
     status(f"{spec.name}: building")
     try:
@@ -256,6 +260,9 @@ def run_model(spec: shapes.ModelSpec, cfg: BenchConfig, probe: Optional[PeakMemo
                                        lambda s: status(f"{spec.name} {s}"))
                 entry["results"].extend(cells.values())
                 advance()
+            press = next((m for m in methods if m.name == "press"), None)
+            if press is not None and len(cfg.lengths) > 1:
+                entry["flat_cost_side_by_side"] = _flat_cost_side_by_side(ctx, cfg, press, spec.name, status)
             for m in methods:
                 if isinstance(m, Press) and m.prefill_tokens:
                     entry["prefill"][m.name] = {
@@ -274,6 +281,33 @@ def run_model(spec: shapes.ModelSpec, cfg: BenchConfig, probe: Optional[PeakMemo
     gc.unfreeze()
     gc.collect()
     return entry
+
+
+def _flat_cost_side_by_side(ctx: ModelContext, cfg: BenchConfig, press: Press, prefix: str, status) -> dict:
+    """The press at the longest length and a fresh press stream at the shortest, timed interleaved.
+
+    The per-length tables are measured one length after the other, minutes apart; on a
+    shared machine the load can change in between. Here both lengths run in the same rounds
+    (with dense at both lengths beside them), so the ratio is free of that drift.
+    """
+    lo, hi = min(cfg.lengths), max(cfg.lengths)
+    out = {"lengths": [lo, hi], "cells": {}, "error": None}
+    methods: list[Method] = []
+    try:
+        fresh = Press(ctx, cfg.n_sink, cfg.capacity, True, cfg.prefill_chunk)
+        methods = [Pinned(fresh, lo, f"press@{lo}"), Pinned(press, hi, f"press@{hi}"),
+                   Pinned(Dense(ctx), lo, f"dense@{lo}"), Pinned(Dense(ctx), hi, f"dense@{hi}")]
+        repeats = {m.name: cfg.repeats for m in methods}
+        out["cells"] = measure_length(methods, hi, repeats, cfg.device, None,
+                                      lambda s: status(f"{prefix} flat cost {lo} vs {hi}: {s}"))
+    except Exception as exc:  # noqa: BLE001
+        out["error"] = _error_text(exc)
+    finally:
+        if methods:
+            methods[0].close()
+            methods[2].close()
+            methods[3].close()
+    return out
 
 
 def _recompute_vs_press(ctx: ModelContext, cfg: BenchConfig, status_prefix: str, status) -> dict:
