@@ -7,6 +7,7 @@ per-layer caches) through 5.x.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -67,3 +68,21 @@ def new_dynamic_cache(model: nn.Module) -> Any:
         return DynamicCache(config=model.config)
     except TypeError:
         return DynamicCache()
+
+
+def model_cache_kwarg(model: nn.Module) -> str:
+    """Keyword through which ``model.forward`` takes the cache: ``cache`` (late 5.x) or ``past_key_values``.
+
+    >>> out = model(input_ids=ids, use_cache=True, **{model_cache_kwarg(model): cache})  # doctest: +SKIP
+    """
+    params = inspect.signature(model.forward).parameters
+    for name in MODEL_CACHE_KWARGS:
+        if name in params:
+            return name
+    raise TypeError(f"{type(model).__name__}.forward takes none of {MODEL_CACHE_KWARGS}")
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model call returned, under either of its names."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)

@@ -1,14 +1,10 @@
 """Small drivers shared by the tests: a plain forward loop and generate(), both through the
 public API only, with the cache keyword read off the model's signature."""
 
-import inspect
-
 import torch
 from transformers import DynamicCache
 
-
-def cache_kwarg(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+from kvpress_lite.cache_access import model_cache_kwarg as cache_kwarg
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..cache_access import model_cache_kwarg, output_cache
 from .measure import kv_bytes, kv_length
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class ModelContext:
         self.model = model
         self.device = str(device)
         params = set(inspect.signature(model.forward).parameters)
-        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.cache_kwarg = model_cache_kwarg(model)
         self.accepts_logits_to_keep = "logits_to_keep" in params
         self.max_positions = learned_position_limit(model)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -78,11 +79,6 @@ class ModelContext:
         k = torch.randn(1, self.kv_heads, length, self.head_dim, generator=gen)
         v = k if self.v_head_dim == self.head_dim else torch.randn(1, self.kv_heads, length, self.v_head_dim, generator=gen)
         return k.to(self.device, self.kv_dtype), v.to(self.device, self.kv_dtype)
-
-
-def output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def learned_position_limit(model: nn.Module) -> Optional[int]:
