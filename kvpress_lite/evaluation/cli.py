@@ -69,8 +69,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chunk-report", type=int, default=1024, help="report perplexity per range of this many tokens")
     p.add_argument("--range", dest="ranges", type=_range, action="append", default=[], metavar="START:END",
                    help="an extra token range to report (repeatable), e.g. 10000:12000")
+    p.add_argument("--score-range", type=_range, default=None, metavar="START:END",
+                   help="recompute scores only tokens in this range (e.g. 10k:12k); all methods are compared there")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward for recompute")
     p.add_argument("--dense-chunk", type=int, default=512, help="tokens per call for dense (1: one at a time, same numbers)")
+    p.add_argument("--attn-implementation", default="model",
+                   help="attention kernel: 'model' keeps the model's (sdpa), or eager / sdpa")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="folder for the files below when no path is given")
     p.add_argument("--name", default=None, help="file stem in --out-dir (default: <text>_<tokens>)")
     p.add_argument("--json", default=None, help="JSON path (default: <out-dir>/<name>.json)")
@@ -94,8 +99,12 @@ def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.capacity <= args.n_sink:
         raise SystemExit(f"--capacity ({args.capacity}) must exceed --n-sink ({args.n_sink})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
+    if args.attn_implementation != "model":
+        model.set_attn_implementation(args.attn_implementation)
     model_name = DEFAULT_MODEL_NAME if args.model in (None, "", "default") else str(args.model)
     text = load_text(args.text)
     text_name = Path(args.text).stem if Path(args.text).suffix else args.text
@@ -105,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     comparison = compare_methods(
         model, ids, args.methods, n_sink=args.n_sink, capacity=args.capacity, chunk_report=args.chunk_report,
         progress=args.progress, stride=args.stride, dense_chunk=args.dense_chunk, batch_size=args.batch_size,
-        ranges=args.ranges,
+        ranges=args.ranges, score_range=args.score_range,
     )
     meta = run_metadata(model_name=model_name, text=text_name, torch_threads=torch.get_num_threads(),
                         attn_implementation=getattr(model.config, "_attn_implementation", None),

@@ -217,11 +217,12 @@ def _press_stream(model, ids, *, n_sink: int, capacity: int, position_shift: boo
 
 
 def _recompute(model, ids, *, n_sink: int, capacity: int, stride: int, batch_size: int,
-               progress: bool, desc: str) -> tuple[torch.Tensor, dict]:
+               score_range: Optional[tuple[int, int]], progress: bool, desc: str) -> tuple[torch.Tensor, dict]:
     T = ids.numel()
     span = capacity + 1  # tokens re-encoded for each scored token: itself + `capacity` before it
     nll = torch.full((T - 1,), math.nan, dtype=torch.float64)
-    scored = list(range(0, T - 1, stride))
+    lo, hi = score_range if score_range else (0, T - 1)
+    scored = [i for i in range(0, T - 1, stride) if lo <= i < hi]
     keep_last = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
     bar = _progress(len(scored), desc, progress)
     with bar:
@@ -229,7 +230,7 @@ def _recompute(model, ids, *, n_sink: int, capacity: int, stride: int, batch_siz
         # one causal forward over it gives every such token exactly.
         head = [i for i in scored if i < span]
         if head:
-            n = min(span, T - 1)
+            n = head[-1] + 1
             logits = model(input_ids=ids[None, :n], use_cache=False).logits[0]
             idx = torch.tensor(head)
             nll[idx] = _nll(logits[idx], ids[idx + 1])
@@ -261,6 +262,7 @@ def streaming_perplexity(
     dense_chunk: int = 512,
     batch_size: int = 4,
     ranges: Iterable[tuple[int, int]] = (),
+    score_range: Optional[tuple[int, int]] = None,
 ) -> dict:
     """Perplexity of ``model`` on ``input_ids`` under one method, token by token.
 
@@ -288,6 +290,9 @@ def streaming_perplexity(
         Windows per forward for ``recompute*``.
     ranges
         Extra ``(start, end)`` prediction ranges to report, e.g. ``[(10000, 12000)]``.
+    score_range
+        ``(start, end)``: ``recompute*`` scores only predictions in this range (with
+        ``stride``), e.g. the end of a long stream; other methods are unaffected.
 
     Returns
     -------
@@ -315,7 +320,8 @@ def streaming_perplexity(
             calls = T - 1
         elif method.startswith("recompute"):
             nll, info = _recompute(model, ids, n_sink=sinks, capacity=capacity, stride=stride,
-                                   batch_size=max(1, batch_size), progress=progress, desc=method)
+                                   batch_size=max(1, batch_size), score_range=score_range,
+                                   progress=progress, desc=method)
             calls = int((~torch.isnan(nll)).sum())
         else:
             nll, info = _press_stream(model, ids, n_sink=sinks, capacity=capacity,
@@ -330,6 +336,7 @@ def streaming_perplexity(
         "n_sink": sinks,
         "capacity": None if method == "dense" else capacity,
         "stride": stride if method.startswith("recompute") else 1,
+        "score_range": list(score_range) if score_range and method.startswith("recompute") else None,
         "scored": int((~torch.isnan(nll)).sum()),
         "ppl": ppl_of(nll),
         "ranges": range_table(nll, chunk_report, extra_ranges=ranges),
@@ -355,13 +362,14 @@ def compare_methods(
     dense_chunk: int = 512,
     batch_size: int = 4,
     ranges: Iterable[tuple[int, int]] = (),
+    score_range: Optional[tuple[int, int]] = None,
 ) -> dict:
     """Run several methods on the same tokens and summarise them on a common footing.
 
     Returns ``{"results": {method: streaming_perplexity(...)}, "summary": {method: {...}},
     "scored_by_all": int, ...}``. Every summary entry (``ppl``, ``ranges``) is computed
     over the predictions that **all** methods scored (with ``stride`` > 1 and a
-    ``recompute*`` method: every ``stride``-th); ``ppl_own`` is over the method's own
+    ``recompute*`` method: every ``stride``-th, within ``score_range``); ``ppl_own`` is over the method's own
     scored predictions.
     """
     methods = list(dict.fromkeys(methods))
@@ -374,7 +382,8 @@ def compare_methods(
     for m in methods:
         results[m] = streaming_perplexity(model, ids, m, n_sink=n_sink, capacity=capacity,
                                           chunk_report=chunk_report, progress=progress, stride=stride,
-                                          dense_chunk=dense_chunk, batch_size=batch_size, ranges=ranges)
+                                          dense_chunk=dense_chunk, batch_size=batch_size, ranges=ranges,
+                                          score_range=score_range)
     nlls = {m: torch.tensor([math.nan if v is None else v for v in r["nll"]], dtype=torch.float64)
             for m, r in results.items()}
     common = torch.ones(ids.numel() - 1, dtype=torch.bool)
@@ -396,6 +405,7 @@ def compare_methods(
         "n_sink": n_sink,
         "capacity": capacity,
         "stride": stride,
+        "score_range": list(score_range) if score_range else None,
         "chunk_report": chunk_report,
         "extra_ranges": [list(r) for r in ranges],
         "scored_by_all": int(common.sum()),

@@ -110,6 +110,16 @@ def _fmt(x: Optional[float]) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.2f}"
 
 
+def _subset(comparison: dict) -> str:
+    """' (every 4th, in 10,000-12,000)' when recompute scored a subset, else ''."""
+    parts = []
+    if comparison.get("stride", 1) > 1 and any(m.startswith("recompute") for m in comparison["methods"]):
+        parts.append(f"every {comparison['stride']}th")
+    if comparison.get("score_range") and any(m.startswith("recompute") for m in comparison["methods"]):
+        parts.append("in {:,}-{:,}".format(*comparison["score_range"]))
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _range_label(r: dict) -> str:
     return f"{r['start']:,}-{r['end']:,}"
 
@@ -132,7 +142,7 @@ def markdown_table(comparison: dict, metadata: Optional[dict] = None) -> str:
         lines.append(f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {v.get('torch')}, "
                      f"transformers {v.get('transformers')}, kvpress-lite {v.get('kvpress_lite')}.")
     lines.append(f"Perplexity over the {comparison['scored_by_all']:,} predictions every method scored"
-                 + (f" (every {comparison['stride']}th)" if comparison.get("stride", 1) > 1 else "")
+                 + _subset(comparison)
                  + "; columns a-b: predictions a to b-1 (prediction i scores token i+1).")
     lines.append("")
     lines.append("| " + " | ".join(header) + " |")
@@ -200,7 +210,7 @@ def write_plot(comparison: dict, path: str | os.PathLike, metadata: Optional[dic
     title = f"{(metadata or {}).get('model', '')} on {(metadata or {}).get('text', '')}, {budget}".strip()
     ax_run.set(xscale="linear", yscale="log", xlabel="tokens", ylabel="running perplexity", title=title)
     ax_rng.set(yscale="log", xlabel="tokens", ylabel=f"perplexity per {chunk} tokens",
-               title="per range" + (f" (every {comparison['stride']}th token)" if comparison.get("stride", 1) > 1 else ""))
+               title="per range" + _subset(comparison))
     for ax in (ax_run, ax_rng):
         ax.axvline(comparison["capacity"], color="grey", linestyle=":", linewidth=1)
         ax.grid(True, which="both", alpha=0.3)

@@ -1,0 +1,117 @@
+"""``kvpress-lite`` command line: ``adapters``, ``demo``, ``perplexity``, ``bench``.
+
+The command line is the edge of the library: it prints for people; the library logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Optional
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    import kvpress_lite as kvl
+    from kvpress_lite.registry import get_registry
+
+    infos = kvl.available_adapters()
+    print(f"{'adapter':<12} {'model_type':<14} {'plugin':<14} {'distribution'}")
+    for info in infos:
+        dist = f"{info.distribution} {info.version}" if info.distribution else "(registered by hand)"
+        print(f"{info.name:<12} {', '.join(info.model_types):<14} {info.plugin:<14} {dist}")
+    for problem in get_registry().problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    return 0
+
+
+def _demo_model(family: str, attn: str):
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=512, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=4096)
+    if family == "gpt_neox":
+        config = GPTNeoXConfig(hidden_size=128, intermediate_size=512, rotary_pct=0.25, **small)
+    elif family == "llama":
+        config = LlamaConfig(hidden_size=128, intermediate_size=512, num_key_value_heads=2, **small)
+    else:
+        config = GPT2Config(vocab_size=512, n_embd=128, n_layer=4, n_head=4, n_positions=256)
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = None
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Stream a random-weight model token by token and show that the cache stays flat."""
+    import psutil
+    import torch
+    from transformers import DynamicCache
+
+    import kvpress_lite as kvl
+    from kvpress_lite.evaluation.perplexity import cache_kwarg
+
+    model = _demo_model(args.family, args.attn)
+    name = cache_kwarg(model)
+    process = psutil.Process()
+    print(f"{args.family} (random weights, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+          f"n_sink={args.n_sink}, capacity={args.capacity}, {args.tokens} tokens")
+    print(f"{'tokens':>8} {'cache entries':>14} {'KV MiB':>8} {'RSS MiB':>9} {'ms/token':>9}")
+    with kvl.apply_press(model, n_sink=args.n_sink, capacity=args.capacity) as press, torch.no_grad():
+        cache = DynamicCache()
+        token = torch.zeros(1, 1, dtype=torch.long)
+        start, every = time.perf_counter(), max(1, args.tokens // 10)
+        for step in range(1, args.tokens + 1):
+            out = model(input_ids=token, use_cache=True, **{name: cache})
+            token = out.logits[:, -1:].argmax(-1)
+            if step % every == 0:
+                layers = cache.layers
+                kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in layers)
+                ms = (time.perf_counter() - start) / every * 1000
+                print(f"{step:>8} {press.stats.cache_length[0]:>14} {kv / 2**20:>8.2f} "
+                      f"{process.memory_info().rss / 2**20:>9.0f} {ms:>9.2f}")
+                start = time.perf_counter()
+    print(f"evicted {press.stats.evicted_tokens} entries per layer; the cache never held more than {args.capacity}.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvpress-lite",
+        description="StreamingLLM KV-cache press for Hugging Face transformers: tools and evaluations.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    adapters = sub.add_parser("adapters", help="list the adapters found and the plugins that provide them")
+    adapters.set_defaults(func=_adapters)
+
+    demo = sub.add_parser("demo", help="stream a random-weight model and print cache size and memory as it goes")
+    demo.add_argument("--family", choices=("gpt_neox", "llama", "gpt2"), default="llama")
+    demo.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
+    demo.add_argument("--tokens", type=int, default=2000)
+    demo.add_argument("--n-sink", type=int, default=4)
+    demo.add_argument("--capacity", type=int, default=128)
+    demo.set_defaults(func=_demo)
+
+    from kvpress_lite.bench import cli as bench_cli
+    from kvpress_lite.evaluation import cli as eval_cli
+
+    eval_cli.add_parser(sub)
+    bench_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
