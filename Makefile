@@ -24,13 +24,13 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 eval: setup
-	$(BIN)/kvpress-lite perplexity --tokens 4096 --stride 4 --out-dir results/perplexity
+	$(BIN)/kvpress-lite perplexity --tokens 1024 --stride 2 --chunk-report 256 --out-dir results/perplexity
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/kvpress-lite bench --json benchmarks/results/cpu.json --markdown benchmarks/results/cpu.md --plot benchmarks/results/cpu.png
+	$(BIN)/kvpress-lite bench --out benchmarks/results
 
 demo: setup
 	$(BIN)/kvpress-lite demo
