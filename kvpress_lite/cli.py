@@ -49,7 +49,7 @@ def _demo(args: argparse.Namespace) -> int:
     from transformers import DynamicCache
 
     import kvpress_lite as kvl
-    from kvpress_lite.evaluation.perplexity import cache_kwarg
+    from kvpress_lite.cache_access import model_cache_kwarg as cache_kwarg
 
     model = _demo_model(args.family, args.attn)
     name = cache_kwarg(model)

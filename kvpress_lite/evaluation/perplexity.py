@@ -52,6 +52,9 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..cache_access import model_cache_kwarg as cache_kwarg
+from ..cache_access import output_cache
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("dense", "window", "sinks_noshift", "sinks", "recompute")
@@ -69,23 +72,6 @@ DESCRIPTIONS = {
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def cache_kwarg(model: torch.nn.Module) -> str:
-    """Name of the cache argument of ``model.forward``: ``cache`` (late transformers 5.x) or ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    raise TypeError(f"{type(model).__name__}.forward takes neither 'cache' nor 'past_key_values'")
-
-
-def output_cache(output: Any) -> Any:
-    """The cache returned by a model call, whatever this transformers version calls it."""
-    cache = getattr(output, "cache", None)
-    if cache is None:
-        cache = getattr(output, "past_key_values", None)
-    return cache
 
 
 def _cache_length(cache: Any) -> int:
