@@ -235,7 +235,7 @@ class StreamingLLMPress:
             return (), self._run_prefix_chunks(module, kwargs, q, chunk)
 
         if isinstance(self.positions, LearnedPositions) and not self.position_shift:
-            last = int(stream.real_seen if not stream.padded else stream.real_seen.max()) + q
+            last = stream.longest_row + q
             if last > self.positions.max_positions:
                 raise UnsupportedGenerationError(
                     f"position_shift=False keeps absolute positions, and this stream reaches position {last - 1}, past "
@@ -255,7 +255,6 @@ class StreamingLLMPress:
         elif kwargs.get("attention_mask") is not None and kwargs["attention_mask"].dim() == 2:
             kwargs["attention_mask"] = None  # all ones, and sized for the uncompressed stream
         self._call = plan
-        self._call_new_valid = new_valid
         return (), kwargs
 
     def _attention_hook(self, layer_idx: int, cache_kwarg: str):
@@ -280,13 +279,13 @@ class StreamingLLMPress:
         if plan is None:
             return None
         stream = plan.stream
-        commit_plan(plan, self._call_new_valid)
+        commit_plan(plan)
         stats = self.stats
         if plan.kind != "none":
             stats.compressions += 1
             stats.evicted_tokens += plan.evicted
         stats.cache_length = [stream.stored] * self._n_layers
-        stats.seen_tokens = int(stream.real_seen if not stream.padded else stream.real_seen.max())
+        stats.seen_tokens = stream.longest_row
         stats.capacity = stream.capacity
         return None if self._chunk_outputs is None or self._chunk_outputs == [] else self._stitch(output)
 

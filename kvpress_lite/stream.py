@@ -65,6 +65,11 @@ class Stream:
     def padded(self) -> bool:
         return self.valid is not None
 
+    @property
+    def longest_row(self) -> int:
+        """Real tokens taken in by the longest row."""
+        return int(self.real_seen.max()) if self.padded else int(self.real_seen)
+
 
 @dataclass
 class CallPlan:
@@ -72,6 +77,7 @@ class CallPlan:
 
     stream: Stream
     q: int  # new tokens in this call
+    new_valid: Optional[torch.Tensor]  # [batch, q] bool for padded streams, else None
     stored_before: int
     kind: str  # "none" | "ring" | "gather"
     index: Optional[torch.Tensor] = None  # gather: [C] or [batch, C] physical indices to keep
@@ -94,7 +100,7 @@ def plan_call(stream: Stream, q: int, new_valid: Optional[torch.Tensor]) -> Call
     valid_all = None
     if stream.padded:
         valid_all = torch.cat([stream.valid, new_valid], dim=1)  # [batch, total], physical order
-    plan = CallPlan(stream, q, stored, "none", shift_after=stream.shift, next_slot_after=stream.next_slot)
+    plan = CallPlan(stream, q, new_valid, stored, "none", shift_after=stream.shift, next_slot_after=stream.next_slot)
     if total <= capacity:
         plan.valid_after = valid_all
         return plan
@@ -136,9 +142,9 @@ def plan_call(stream: Stream, q: int, new_valid: Optional[torch.Tensor]) -> Call
     return plan
 
 
-def commit_plan(plan: CallPlan, new_valid: Optional[torch.Tensor]) -> None:
+def commit_plan(plan: CallPlan) -> None:
     """Advance the stream once every layer has applied ``plan``."""
-    stream = plan.stream
+    stream, new_valid = plan.stream, plan.new_valid
     stream.real_seen = stream.real_seen + (plan.q if new_valid is None else new_valid.sum(1))
     stream.stored = plan.total if plan.kind == "none" else stream.capacity
     stream.next_slot, stream.shift, stream.valid = plan.next_slot_after, plan.shift_after, plan.valid_after

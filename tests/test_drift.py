@@ -57,7 +57,7 @@ def test_sinks_stay_within_one_rounding_after_20000_evictions(dtype):
         layer.update(k, k.clone())
         plan = plan_call(stream, 1, None)
         apply_plan(plan, layer, state, positions, position_shift=True)
-        commit_plan(plan, None)
+        commit_plan(plan)
         if step == N_SINK - 1:
             originals = layer.keys[..., :N_SINK, :].clone()
     assert int(stream.shift) == STEPS  # one eviction per step once full
