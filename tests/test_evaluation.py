@@ -199,3 +199,16 @@ def test_real_model_short_stream():
     assert sinks["press_stats"]["cache_length"] == [32] * model.config.num_hidden_layers
     # positions within the cache keep the model sane: close to dense at this length
     assert out["summary"]["sinks"]["ppl"] < 1.5 * out["summary"]["dense"]["ppl"]
+
+
+def test_parallel_workers_give_the_same_numbers(model, ids, tmp_path):
+    from kvpress_lite.evaluation.perplexity import compare_methods_parallel
+
+    model.save_pretrained(tmp_path / "tiny")
+    kw = dict(n_sink=2, capacity=12, stride=2, chunk_report=8, progress=False)
+    methods = ["dense", "sinks", "recompute"]
+    serial = compare_methods(model, ids[:24], methods, **kw)
+    parallel = compare_methods_parallel(str(tmp_path / "tiny"), ids[:24], methods, jobs=2, **kw)
+    assert parallel["methods"] == methods
+    for m in methods:
+        assert parallel["summary"][m]["ppl"] == pytest.approx(serial["summary"][m]["ppl"], rel=1e-5)

@@ -105,7 +105,8 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=not enabled, mininterval=2.0, smoothing=0.05)
+    return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=not enabled, mininterval=2.0,
+                smoothing=0.05, position=_WORKER.get("position"), leave=_WORKER.get("position") is None)
 
 
 def ppl_of(nll: Sequence[Optional[float]] | torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
@@ -335,6 +336,16 @@ def streaming_perplexity(
     return result
 
 
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    methods = list(dict.fromkeys(methods))
+    for m in methods:
+        if m not in ALL_METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
+    if not methods:
+        raise ValueError("no method given")
+    return methods
+
+
 def compare_methods(
     model: torch.nn.Module,
     input_ids: Any,
@@ -353,15 +364,9 @@ def compare_methods(
     """Run several methods on the same tokens and summarise them on a common footing.
 
     Returns ``{"results": {method: streaming_perplexity(...)}, "summary": {method: {...}},
-    "scored_by_all": int, ...}``. Every summary entry (``ppl``, ``ranges``) is computed
-    over the predictions that **all** methods scored (with ``stride`` > 1 and a
-    ``recompute*`` method: every ``stride``-th, within ``score_range``); ``ppl_own`` is over the method's own
-    scored predictions.
+    "scored_by_all": int, ...}`` (see :func:`summarize`).
     """
-    methods = list(dict.fromkeys(methods))
-    for m in methods:
-        if m not in ALL_METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
+    methods = _check_methods(methods)
     ranges = list(ranges)
     ids = _as_ids(input_ids)
     results = {}
@@ -370,9 +375,28 @@ def compare_methods(
                                           chunk_report=chunk_report, progress=progress, stride=stride,
                                           dense_chunk=dense_chunk, batch_size=batch_size, ranges=ranges,
                                           score_range=score_range)
+    return summarize(results, n_sink=n_sink, capacity=capacity, stride=stride, chunk_report=chunk_report,
+                     ranges=ranges, score_range=score_range)
+
+
+def summarize(results: dict[str, dict], *, n_sink: int, capacity: int, stride: int = 1, chunk_report: int = 1024,
+              ranges: Iterable[tuple[int, int]] = (), score_range: Optional[tuple[int, int]] = None) -> dict:
+    """Put results of :func:`streaming_perplexity` (same tokens) side by side.
+
+    Every summary entry (``ppl``, ``ranges``) is computed over the predictions that
+    **all** methods scored (with a ``recompute*`` method and ``stride`` > 1: every
+    ``stride``-th, within ``score_range``); ``ppl_own`` is over the method's own scored
+    predictions.
+    """
+    methods = list(results)
+    ranges = list(ranges)
+    tokens = {r["tokens"] for r in results.values()}
+    if len(tokens) != 1:
+        raise ValueError(f"results cover different token counts: {sorted(tokens)}")
+    T = tokens.pop()
     nlls = {m: torch.tensor([math.nan if v is None else v for v in r["nll"]], dtype=torch.float64)
             for m, r in results.items()}
-    common = torch.ones(ids.numel() - 1, dtype=torch.bool)
+    common = torch.ones(T - 1, dtype=torch.bool)
     for x in nlls.values():
         common &= ~torch.isnan(x)
     summary = {
@@ -387,7 +411,7 @@ def compare_methods(
         for m in methods
     }
     return {
-        "tokens": ids.numel(),
+        "tokens": T,
         "n_sink": n_sink,
         "capacity": capacity,
         "stride": stride,
@@ -399,3 +423,74 @@ def compare_methods(
         "summary": summary,
         "results": results,
     }
+
+
+# --------------------------------------------------------------------- several processes
+
+# Rough single-thread cost per token, used only to hand out the slowest methods first.
+_COST = {"recompute": 4.0, "recompute_sinks": 4.0, "window": 1.0, "sinks_noshift": 1.0, "sinks": 1.0, "dense": 0.2}
+_WORKER: dict = {}  # per worker process: the loaded model and the progress-bar row
+
+
+def _init_worker(slots: Any, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["position"] = slots.get()
+
+
+def _run_in_worker(model_spec: Any, attn: Optional[str], ids: list[int], method: str, kwargs: dict) -> dict:
+    from .models import load_model
+
+    if _WORKER.get("spec") != (model_spec, attn):
+        model, _ = load_model(model_spec, with_tokenizer=False)
+        if attn:
+            model.set_attn_implementation(attn)
+        _WORKER.update(spec=(model_spec, attn), model=model)
+    return streaming_perplexity(_WORKER["model"], torch.tensor(ids), method, **kwargs)
+
+
+def compare_methods_parallel(
+    model_spec: Any,
+    input_ids: Any,
+    methods: Sequence[str] = METHODS,
+    n_sink: int = 4,
+    capacity: int = 256,
+    chunk_report: int = 1024,
+    progress: bool = True,
+    *,
+    jobs: int = 2,
+    threads_per_job: int = 1,
+    attn_implementation: Optional[str] = None,
+    stride: int = 1,
+    dense_chunk: int = 512,
+    batch_size: int = 4,
+    ranges: Iterable[tuple[int, int]] = (),
+    score_range: Optional[tuple[int, int]] = None,
+) -> dict:
+    """:func:`compare_methods` with the methods spread over ``jobs`` worker processes.
+
+    One-token decoding of a small model on CPU is bound by memory bandwidth, not by
+    arithmetic: a second thread barely helps one stream, but a second process streaming
+    another method runs almost as fast as the first. Each worker loads the model itself
+    with :func:`~kvpress_lite.evaluation.models.load_model` (``model_spec``: ``"default"``
+    or a local path), so pass a spec, not a model object. Same results as
+    :func:`compare_methods`, to float rounding.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    methods = _check_methods(methods)
+    ranges = [tuple(r) for r in ranges]
+    ids = _as_ids(input_ids).tolist()
+    kwargs = dict(n_sink=n_sink, capacity=capacity, chunk_report=chunk_report, progress=progress, stride=stride,
+                  dense_chunk=dense_chunk, batch_size=batch_size, ranges=ranges, score_range=score_range)
+    ctx = mp.get_context("spawn")  # fork after torch has started threads can hang
+    slots = ctx.Queue()
+    jobs = max(1, min(jobs, len(methods)))
+    for k in range(jobs):
+        slots.put(k)
+    order = sorted(methods, key=lambda m: -_COST.get(m, 1.0))
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(slots, threads_per_job)) as pool:
+        futures = {m: pool.submit(_run_in_worker, model_spec, attn_implementation, ids, m, kwargs) for m in order}
+        results = {m: futures[m].result() for m in methods}
+    return summarize(results, n_sink=n_sink, capacity=capacity, stride=stride, chunk_report=chunk_report,
+                     ranges=ranges, score_range=score_range)

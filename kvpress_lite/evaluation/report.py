@@ -124,13 +124,34 @@ def _range_label(r: dict) -> str:
     return f"{r['start']:,}-{r['end']:,}"
 
 
+def _budget(comparison: dict, method: str) -> str:
+    r = comparison["results"][method]
+    if method == "dense":
+        return "all"
+    if r.get("n_sink") is not None:
+        return f"{r['n_sink']}+{comparison['capacity'] - r['n_sink']}"
+    return str(comparison["capacity"])
+
+
+def _table(header: list[str], rows: list[list[str]], text_cols: int) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] * text_cols + ["---:"] * (len(header) - text_cols)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return lines
+
+
 def markdown_table(comparison: dict, metadata: Optional[dict] = None) -> str:
-    """Rows = methods; columns = overall perplexity, perplexity per range, time."""
+    """Rows = methods; columns = overall perplexity, perplexity per range, time.
+
+    The first table compares every method on the predictions that all of them scored
+    (ranges where none was scored are left out). When some method scored a subset
+    (``recompute`` with a stride or a score range), a second table gives each method
+    on everything it scored.
+    """
     meta = metadata or {}
     methods = comparison["methods"]
     summary = comparison["summary"]
-    first = summary[methods[0]]["ranges"]
-    header = ["method", "budget", "ppl"] + [_range_label(r) for r in first] + ["s", "ms/call"]
+    results = comparison["results"]
     lines = []
     if meta:
         lines.append(f"Model: {meta.get('model')}; text: {meta.get('text')}; "
@@ -139,26 +160,32 @@ def markdown_table(comparison: dict, metadata: Optional[dict] = None) -> str:
                      f"capacity={comparison['capacity']}).")
         m = meta.get("machine", {})
         v = meta.get("versions", {})
-        lines.append(f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {v.get('torch')}, "
-                     f"transformers {v.get('transformers')}, kvpress-lite {v.get('kvpress_lite')}.")
+        wall = f", wall time {meta['wall_seconds'] / 60:.1f} min" if meta.get("wall_seconds") else ""
+        threads = f", {meta['torch_threads']} torch thread(s)" if meta.get("torch_threads") else ""
+        if (meta.get("jobs") or 1) > 1:
+            threads += f" in each of {meta['jobs']} worker processes"
+        lines.append(f"Machine: {m.get('cpu')}, {m.get('cores')} cores{threads}; torch {v.get('torch')}, "
+                     f"transformers {v.get('transformers')}, kvpress-lite {v.get('kvpress_lite')}{wall}.")
     lines.append(f"Perplexity over the {comparison['scored_by_all']:,} predictions every method scored"
                  + _subset(comparison)
-                 + "; columns a-b: predictions a to b-1 (prediction i scores token i+1).")
+                 + "; column a-b: predictions a to b-1 (prediction i scores token i+1); "
+                 "s: seconds for the method; ms/call: per model call (per scored token for recompute).")
     lines.append("")
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|")
+    shared = [k for k, r in enumerate(summary[methods[0]]["ranges"]) if r["count"] > 0]
+    header = ["method", "budget", "ppl"] + [_range_label(summary[methods[0]]["ranges"][k]) for k in shared] + ["s", "ms/call"]
+    rows = []
     for m in methods:
         s = summary[m]
-        r = comparison["results"][m]
-        if m == "dense":
-            budget = "all"
-        elif r.get("n_sink") is not None:
-            budget = f"{r['n_sink']}+{comparison['capacity'] - r['n_sink']}"
-        else:
-            budget = str(comparison["capacity"])
-        cells = [m, budget, _fmt(s["ppl"])] + [_fmt(x["ppl"]) for x in s["ranges"]]
-        cells += [f"{s['seconds']:.0f}", f"{s['ms_per_call']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append([m, _budget(comparison, m), _fmt(s["ppl"])] + [_fmt(s["ranges"][k]["ppl"]) for k in shared]
+                    + [f"{s['seconds']:.0f}", f"{s['ms_per_call']:.1f}"])
+    lines += _table(header, rows, 2)
+    if any(results[m]["scored"] != comparison["scored_by_all"] for m in methods):
+        lines += ["", "Each method on every prediction it scored:", ""]
+        own = results[methods[0]]["ranges"]
+        header = ["method", "scored", "ppl"] + [_range_label(r) for r in own]
+        rows = [[m, f"{results[m]['scored']:,}", _fmt(results[m]["ppl"])] + [_fmt(r["ppl"]) for r in results[m]["ranges"]]
+                for m in methods]
+        lines += _table(header, rows, 1)
     return "\n".join(lines) + "\n"
 
 
@@ -180,8 +207,32 @@ def _common_mask(comparison: dict) -> list[bool]:
     return keep
 
 
+def _moving_ppl(nll: list, window: int) -> tuple[list[int], list[float]]:
+    """Perplexity over the scored predictions among the last ``window`` positions, at each scored position."""
+    xs, ys = [], []
+    total, count, left = 0.0, 0, 0
+    for i, v in enumerate(nll):
+        if v is None:
+            continue
+        total += v
+        count += 1
+        while left <= i - window:
+            if nll[left] is not None:
+                total -= nll[left]
+                count -= 1
+            left += 1
+        xs.append(i + 1)
+        ys.append(math.exp(total / count))
+    return xs, ys
+
+
 def write_plot(comparison: dict, path: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
-    """Two panels, log-scale perplexity: running (cumulative) and per range, one line per method."""
+    """Log-scale perplexity against tokens, one line per method, in two panels.
+
+    Left: perplexity over the last ``chunk_report`` tokens (a moving window over each
+    method's scored tokens). Right: running (cumulative) perplexity over the tokens
+    every method scored.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,10 +241,12 @@ def write_plot(comparison: dict, path: str | os.PathLike, metadata: Optional[dic
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     keep = _common_mask(comparison)
-    chunk = comparison.get("chunk_report") or 0
-    fig, (ax_run, ax_rng) = plt.subplots(1, 2, figsize=(12, 4.5))
+    window = comparison.get("chunk_report") or 1024
+    fig, (ax_mov, ax_run) = plt.subplots(1, 2, figsize=(13, 4.8))
     for m in comparison["methods"]:
         nll = comparison["results"][m]["nll"]
+        xs, ys = _moving_ppl(nll, window)
+        ax_mov.plot(xs, ys, label=m, linewidth=1.1)
         xs, ys, total, count = [], [], 0.0, 0
         for i, v in enumerate(nll):
             if keep[i]:
@@ -201,17 +254,15 @@ def write_plot(comparison: dict, path: str | os.PathLike, metadata: Optional[dic
                 count += 1
                 xs.append(i + 1)
                 ys.append(math.exp(total / count))
-        ax_run.plot(xs, ys, label=m, linewidth=1.2)
-        rows = [r for r in comparison["summary"][m]["ranges"] if chunk and r["end"] - r["start"] <= chunk]
-        rows = [r for r in rows if r["ppl"] is not None and math.isfinite(r["ppl"])]
-        if rows:
-            ax_rng.plot([(r["start"] + r["end"]) / 2 for r in rows], [r["ppl"] for r in rows], marker="o", label=m)
+        ax_run.plot(xs, ys, label=m, linewidth=1.1)
+    meta = metadata or {}
     budget = f"cache {comparison['n_sink']}+{comparison['capacity'] - comparison['n_sink']}"
-    title = f"{(metadata or {}).get('model', '')} on {(metadata or {}).get('text', '')}, {budget}".strip()
-    ax_run.set(xscale="linear", yscale="log", xlabel="tokens", ylabel="running perplexity", title=title)
-    ax_rng.set(yscale="log", xlabel="tokens", ylabel=f"perplexity per {chunk} tokens",
-               title="per range" + _subset(comparison))
-    for ax in (ax_run, ax_rng):
+    fig.suptitle(f"{meta.get('model', '')} on {meta.get('text', '')}: {budget}, {comparison['tokens']:,} tokens")
+    ax_mov.set(yscale="log", xlabel="tokens", ylabel=f"perplexity over the last {window} tokens",
+               title="local perplexity")
+    ax_run.set(yscale="log", xlabel="tokens", ylabel="running perplexity",
+               title="running perplexity on shared tokens" + _subset(comparison))
+    for ax in (ax_mov, ax_run):
         ax.axvline(comparison["capacity"], color="grey", linestyle=":", linewidth=1)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
@@ -220,3 +271,10 @@ def write_plot(comparison: dict, path: str | os.PathLike, metadata: Optional[dic
     plt.close(fig)
     logger.info("wrote %s", path)
     return path
+
+
+def load_json(path: str | os.PathLike) -> tuple[dict, dict]:
+    """Read a file written by :func:`write_json` back as ``(comparison, metadata)``."""
+    data = json.loads(Path(path).read_text())
+    meta = data.pop("metadata", {})
+    return data, meta
