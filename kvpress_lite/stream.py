@@ -83,7 +83,7 @@ class CallPlan:
     index: Optional[torch.Tensor] = None  # gather: [C] or [batch, C] physical indices to keep
     slot: int = -1  # ring: the slot the new token overwrites
     shift_after: Union[int, torch.Tensor] = 0  # sink shift once this call is done
-    phase: Optional[torch.Tensor] = None  # rope_phase(shift_after), shared by every layer
+    phase: Optional[torch.Tensor] = None  # rope_phase(shift_after - offset), shared by every layer
     evicted: int = 0  # entries dropped per layer, summed over rows
     valid_after: Optional[torch.Tensor] = None
     next_slot_after: int = 0
