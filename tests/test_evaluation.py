@@ -212,3 +212,29 @@ def test_parallel_workers_give_the_same_numbers(model, ids, tmp_path):
     assert parallel["methods"] == methods
     for m in methods:
         assert parallel["summary"][m]["ppl"] == pytest.approx(serial["summary"][m]["ppl"], rel=1e-5)
+
+
+def test_a_stopped_run_resumes_without_rerunning_finished_methods(model, ids, tmp_path):
+    from kvpress_lite.evaluation.cli import _read_checkpoint
+
+    kw = dict(n_sink=2, capacity=12, stride=2, chunk_report=8, progress=False)
+    finished = {}
+    first = compare_methods(model, ids[:24], ["dense", "sinks"], on_result=finished.__setitem__, **kw)
+    assert list(finished) == ["dense", "sinks"]
+
+    # a checkpoint round-trips only for the settings it was written with
+    settings = {"tokens": 24, "capacity": 12}
+    ckpt = tmp_path / "run.partial.json"
+    write_json({"settings": settings, "results": {"dense": finished["dense"]}}, ckpt)
+    assert set(_read_checkpoint(ckpt, settings)) == {"dense"}
+    assert _read_checkpoint(ckpt, {**settings, "capacity": 16}) == {}
+    assert _read_checkpoint(tmp_path / "missing.json", settings) == {}
+
+    # a method given as done is taken as is (its doubled losses show up), the others run
+    doubled = dict(finished["dense"], nll=[None if v is None else 2 * v for v in finished["dense"]["nll"]])
+    ran = {}
+    second = compare_methods(model, ids[:24], ["dense", "sinks"], done={"dense": doubled},
+                             on_result=ran.__setitem__, **kw)
+    assert list(ran) == ["sinks"]
+    assert second["summary"]["sinks"]["ppl"] == pytest.approx(first["summary"]["sinks"]["ppl"], rel=1e-9)
+    assert second["summary"]["dense"]["ppl"] == pytest.approx(first["summary"]["dense"]["ppl"] ** 2, rel=1e-6)

@@ -47,7 +47,7 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -360,21 +360,34 @@ def compare_methods(
     batch_size: int = 4,
     ranges: Iterable[tuple[int, int]] = (),
     score_range: Optional[tuple[int, int]] = None,
+    done: Optional[dict[str, dict]] = None,
+    on_result: Optional[Callable[[str, dict], None]] = None,
 ) -> dict:
     """Run several methods on the same tokens and summarise them on a common footing.
 
     Returns ``{"results": {method: streaming_perplexity(...)}, "summary": {method: {...}},
     "scored_by_all": int, ...}`` (see :func:`summarize`).
+
+    ``done``: results of methods already measured with the same settings (e.g. read back
+    from a checkpoint); they are not run again. ``on_result(method, result)`` is called
+    as each method finishes, e.g. to write a checkpoint, so a long run that gets stopped
+    keeps what it finished.
     """
     methods = _check_methods(methods)
     ranges = list(ranges)
     ids = _as_ids(input_ids)
+    done = done or {}
     results = {}
     for m in methods:
+        if m in done:
+            results[m] = done[m]
+            continue
         results[m] = streaming_perplexity(model, ids, m, n_sink=n_sink, capacity=capacity,
                                           chunk_report=chunk_report, progress=progress, stride=stride,
                                           dense_chunk=dense_chunk, batch_size=batch_size, ranges=ranges,
                                           score_range=score_range)
+        if on_result is not None:
+            on_result(m, results[m])
     return summarize(results, n_sink=n_sink, capacity=capacity, stride=stride, chunk_report=chunk_report,
                      ranges=ranges, score_range=score_range)
 
@@ -432,7 +445,8 @@ _COST = {"recompute": 4.0, "recompute_sinks": 4.0, "window": 1.0, "sinks_noshift
 _WORKER: dict = {}  # per worker process: the loaded model and the progress-bar row
 
 
-def _init_worker(slots: Any, threads: int) -> None:
+def _init_worker(slots: Any, threads: int, log_level: int) -> None:
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s [worker]: %(message)s")
     torch.set_num_threads(threads)
     _WORKER["position"] = slots.get()
 
@@ -465,6 +479,8 @@ def compare_methods_parallel(
     batch_size: int = 4,
     ranges: Iterable[tuple[int, int]] = (),
     score_range: Optional[tuple[int, int]] = None,
+    done: Optional[dict[str, dict]] = None,
+    on_result: Optional[Callable[[str, dict], None]] = None,
 ) -> dict:
     """:func:`compare_methods` with the methods spread over ``jobs`` worker processes.
 
@@ -476,21 +492,29 @@ def compare_methods_parallel(
     :func:`compare_methods`, to float rounding.
     """
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     methods = _check_methods(methods)
     ranges = [tuple(r) for r in ranges]
     ids = _as_ids(input_ids).tolist()
     kwargs = dict(n_sink=n_sink, capacity=capacity, chunk_report=chunk_report, progress=progress, stride=stride,
                   dense_chunk=dense_chunk, batch_size=batch_size, ranges=ranges, score_range=score_range)
-    ctx = mp.get_context("spawn")  # fork after torch has started threads can hang
-    slots = ctx.Queue()
-    jobs = max(1, min(jobs, len(methods)))
-    for k in range(jobs):
-        slots.put(k)
-    order = sorted(methods, key=lambda m: -_COST.get(m, 1.0))
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(slots, threads_per_job)) as pool:
-        futures = {m: pool.submit(_run_in_worker, model_spec, attn_implementation, ids, m, kwargs) for m in order}
-        results = {m: futures[m].result() for m in methods}
+    done = dict(done or {})
+    todo = sorted((m for m in methods if m not in done), key=lambda m: -_COST.get(m, 1.0))
+    if todo:
+        ctx = mp.get_context("spawn")  # fork after torch has started threads can hang
+        slots = ctx.Queue()
+        jobs = max(1, min(jobs, len(todo)))
+        for k in range(jobs):
+            slots.put(k)
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(slots, threads_per_job, logging.getLogger().getEffectiveLevel())) as pool:
+            futures = {pool.submit(_run_in_worker, model_spec, attn_implementation, ids, m, kwargs): m for m in todo}
+            for future in as_completed(futures):
+                m = futures[future]
+                done[m] = future.result()
+                if on_result is not None:
+                    on_result(m, done[m])
+    results = {m: done[m] for m in methods}
     return summarize(results, n_sink=n_sink, capacity=capacity, stride=stride, chunk_report=chunk_report,
                      ranges=ranges, score_range=score_range)

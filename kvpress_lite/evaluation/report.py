@@ -114,10 +114,15 @@ def _subset(comparison: dict) -> str:
     """' (every 4th, in 10,000-12,000)' when recompute scored a subset, else ''."""
     parts = []
     if comparison.get("stride", 1) > 1 and any(m.startswith("recompute") for m in comparison["methods"]):
-        parts.append(f"every {comparison['stride']}th")
+        parts.append(f"every {_ordinal(comparison['stride'])} token")
     if comparison.get("score_range") and any(m.startswith("recompute") for m in comparison["methods"]):
         parts.append("in {:,}-{:,}".format(*comparison["score_range"]))
     return f" ({', '.join(parts)})" if parts else ""
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _range_label(r: dict) -> str:
@@ -230,8 +235,9 @@ def write_plot(comparison: dict, path: str | os.PathLike, metadata: Optional[dic
     """Log-scale perplexity against tokens, one line per method, in two panels.
 
     Left: perplexity over the last ``chunk_report`` tokens (a moving window over each
-    method's scored tokens). Right: running (cumulative) perplexity over the tokens
-    every method scored.
+    method's scored tokens; over the tokens every method scored when ``recompute`` used
+    a stride, since a sparse sample and a full one can differ a lot locally). Right:
+    running (cumulative) perplexity over the tokens every method scored.
     """
     import matplotlib
 
@@ -243,9 +249,11 @@ def write_plot(comparison: dict, path: str | os.PathLike, metadata: Optional[dic
     keep = _common_mask(comparison)
     window = comparison.get("chunk_report") or 1024
     fig, (ax_mov, ax_run) = plt.subplots(1, 2, figsize=(13, 4.8))
+    strided = comparison.get("stride", 1) > 1 and any(m.startswith("recompute") for m in comparison["methods"])
     for m in comparison["methods"]:
         nll = comparison["results"][m]["nll"]
-        xs, ys = _moving_ppl(nll, window)
+        local = [v if keep[i] else None for i, v in enumerate(nll)] if strided else nll
+        xs, ys = _moving_ppl(local, window)
         ax_mov.plot(xs, ys, label=m, linewidth=1.1)
         xs, ys, total, count = [], [], 0.0, 0
         for i, v in enumerate(nll):
@@ -259,7 +267,7 @@ def write_plot(comparison: dict, path: str | os.PathLike, metadata: Optional[dic
     budget = f"cache {comparison['n_sink']}+{comparison['capacity'] - comparison['n_sink']}"
     fig.suptitle(f"{meta.get('model', '')} on {meta.get('text', '')}: {budget}, {comparison['tokens']:,} tokens")
     ax_mov.set(yscale="log", xlabel="tokens", ylabel=f"perplexity over the last {window} tokens",
-               title="local perplexity")
+               title="local perplexity" + (_subset(comparison) if strided else ""))
     ax_run.set(yscale="log", xlabel="tokens", ylabel="running perplexity",
                title="running perplexity on shared tokens" + _subset(comparison))
     for ax in (ax_mov, ax_run):
