@@ -177,6 +177,8 @@ def test_report_writers(model, ids, tmp_path):
     for m in out["methods"]:
         assert f"| {m} |" in md
     assert "10-20" in md
+    rel = 100 * (out["summary"]["sinks"]["ppl"] / out["summary"]["recompute"]["ppl"] - 1)
+    assert "vs recompute" in md and f"{rel:+.1f}%" in md.split("| sinks |")[1].split("\n")[0]
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
 
 

@@ -125,6 +125,11 @@ def _ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
+def _relative(ppl: Optional[float], ceiling: float) -> str:
+    """'+2.2%': how far a perplexity lies above re-computation's on the same predictions."""
+    return "n/a" if ppl is None else f"{100 * (ppl / ceiling - 1):+.1f}%"
+
+
 def _range_label(r: dict) -> str:
     return f"{r['start']:,}-{r['end']:,}"
 
@@ -146,7 +151,8 @@ def _table(header: list[str], rows: list[list[str]], text_cols: int) -> list[str
 
 
 def markdown_table(comparison: dict, metadata: Optional[dict] = None) -> str:
-    """Rows = methods; columns = overall perplexity, perplexity per range, time.
+    """Rows = methods; columns = overall perplexity, its distance to ``recompute`` (the
+    quality ceiling for the cache size, when it ran), perplexity per range, time.
 
     The first table compares every method on the predictions that all of them scored
     (ranges where none was scored are left out). When some method scored a subset
@@ -177,11 +183,14 @@ def markdown_table(comparison: dict, metadata: Optional[dict] = None) -> str:
                  "s: seconds for the method; ms/call: per model call (per scored token for recompute).")
     lines.append("")
     shared = [k for k, r in enumerate(summary[methods[0]]["ranges"]) if r["count"] > 0]
-    header = ["method", "budget", "ppl"] + [_range_label(summary[methods[0]]["ranges"][k]) for k in shared] + ["s", "ms/call"]
+    ceiling = summary["recompute"]["ppl"] if "recompute" in methods else None
+    header = (["method", "budget", "ppl"] + (["vs recompute"] if ceiling else [])
+              + [_range_label(summary[methods[0]]["ranges"][k]) for k in shared] + ["s", "ms/call"])
     rows = []
     for m in methods:
         s = summary[m]
-        rows.append([m, _budget(comparison, m), _fmt(s["ppl"])] + [_fmt(s["ranges"][k]["ppl"]) for k in shared]
+        rows.append([m, _budget(comparison, m), _fmt(s["ppl"])] + ([_relative(s["ppl"], ceiling)] if ceiling else [])
+                    + [_fmt(s["ranges"][k]["ppl"]) for k in shared]
                     + [f"{s['seconds']:.0f}", f"{s['ms_per_call']:.1f}"])
     lines += _table(header, rows, 2)
     if any(results[m]["scored"] != comparison["scored_by_all"] for m in methods):
