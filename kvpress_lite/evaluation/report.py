@@ -221,8 +221,12 @@ def _common_mask(comparison: dict) -> list[bool]:
     return keep
 
 
+_MIN_POINTS = 32  # a perplexity over fewer scored predictions is noise: not drawn
+
+
 def _moving_ppl(nll: list, window: int) -> tuple[list[int], list[float]]:
-    """Perplexity over the scored predictions among the last ``window`` positions, at each scored position."""
+    """Perplexity over the scored predictions among the last ``window`` positions, at each
+    scored position where that window holds at least ``_MIN_POINTS`` of them."""
     xs, ys = [], []
     total, count, left = 0.0, 0, 0
     for i, v in enumerate(nll):
@@ -235,8 +239,9 @@ def _moving_ppl(nll: list, window: int) -> tuple[list[int], list[float]]:
                 total -= nll[left]
                 count -= 1
             left += 1
-        xs.append(i + 1)
-        ys.append(math.exp(total / count))
+        if count >= min(_MIN_POINTS, window):
+            xs.append(i + 1)
+            ys.append(math.exp(total / count))
     return xs, ys
 
 
@@ -269,8 +274,9 @@ def write_plot(comparison: dict, path: str | os.PathLike, metadata: Optional[dic
             if keep[i]:
                 total += v
                 count += 1
-                xs.append(i + 1)
-                ys.append(math.exp(total / count))
+                if count >= _MIN_POINTS:
+                    xs.append(i + 1)
+                    ys.append(math.exp(total / count))
         ax_run.plot(xs, ys, label=m, linewidth=1.1)
     meta = metadata or {}
     budget = f"cache {comparison['n_sink']}+{comparison['capacity'] - comparison['n_sink']}"
@@ -283,6 +289,8 @@ def write_plot(comparison: dict, path: str | os.PathLike, metadata: Optional[dic
         ax.axvline(comparison["capacity"], color="grey", linestyle=":", linewidth=1)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
+    if comparison.get("score_range"):
+        ax_run.set_xlim(*comparison["score_range"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
