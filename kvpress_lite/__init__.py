@@ -14,7 +14,19 @@ from typing import Optional
 
 from torch import nn
 
-from .adapter import Adapter, LearnedPositions, Rope, learned_positions, rope_positions
+from .adapter import Adapter, Refusal
+from .positions import (
+    AbsoluteEmbedding,
+    Alibi,
+    PositionScheme,
+    Rotary,
+    Trim,
+    alibi_positions,
+    learned_positions,
+    no_positions,
+    rope_positions,
+    sinusoidal_positions,
+)
 from .errors import (
     KVPressLiteError,
     PressAlreadyAppliedError,
@@ -61,20 +73,27 @@ def apply_press(
 
 
 __all__ = [
+    "AbsoluteEmbedding",
     "Adapter",
     "AdapterInfo",
+    "Alibi",
     "KVPressLiteError",
-    "LearnedPositions",
+    "PositionScheme",
     "PressAlreadyAppliedError",
     "PressStats",
-    "Rope",
+    "Refusal",
+    "Rotary",
     "StreamingLLMPress",
+    "Trim",
     "UnsupportedGenerationError",
     "UnsupportedModelError",
     "apply_press",
     "available_adapters",
     "find_adapter",
+    "alibi_positions",
     "hookimpl",
     "learned_positions",
+    "no_positions",
     "rope_positions",
+    "sinusoidal_positions",
 ]

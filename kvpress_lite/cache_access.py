@@ -16,9 +16,10 @@ from .errors import UnsupportedGenerationError
 
 # Names under which a cache travels into a model's forward, newest first.
 MODEL_CACHE_KWARGS = ("cache", "past_key_values")
-# The only layer type the press trims. A StaticLayer has a fixed size and a
-# sliding-window layer trims on its own: both would fight the press.
-SUPPORTED_LAYER_TYPES = ("DynamicLayer",)
+# How the press treats a cache layer, by what the layer declares (`is_sliding`, a fixed
+# size), never by its class name:
+FULL = "full"  # grows with every token: the press keeps sinks + window
+SLIDING = "sliding"  # keeps its own last `sliding_window - 1` entries: left to transformers
 
 
 def self_attention_cache(cache: Any) -> Any:
@@ -38,14 +39,22 @@ def cache_layers(cache: Any) -> list:
     return layers
 
 
-def check_layer_type(layer: Any) -> None:
+def layer_kind(layer: Any) -> str:
+    """:data:`FULL` or :data:`SLIDING` for a cache layer the press can serve; otherwise raise,
+    naming the layer and what to do."""
     name = type(layer).__name__
-    if name not in SUPPORTED_LAYER_TYPES:
-        raise UnsupportedGenerationError(
-            f"the press cannot serve a cache made of {name} layers: it trims transformers' dynamic cache "
-            "(DynamicLayer). Static caches (cache_implementation='static'), sliding-window and quantized caches "
-            "are not supported; use the default dynamic cache."
-        )
+    if getattr(layer, "is_compileable", False) or hasattr(layer, "max_cache_len"):
+        problem = "has a fixed size (a static cache, e.g. cache_implementation='static')"
+    elif hasattr(layer, "residual_length") or hasattr(layer, "quantizer"):
+        problem = "stores quantized keys (a quantized cache)"
+    elif not hasattr(layer, "keys"):
+        problem = "holds no keys/values"
+    else:
+        return SLIDING if getattr(layer, "is_sliding", False) else FULL
+    raise UnsupportedGenerationError(
+        f"the press cannot serve a cache layer of type {name}: it {problem}. The press trims transformers' dynamic "
+        "cache; use the default (pass no cache, or a transformers.DynamicCache)."
+    )
 
 
 def layer_length(layer: Any) -> int:
@@ -55,9 +64,9 @@ def layer_length(layer: Any) -> int:
     return keys.shape[-2]
 
 
-def cache_length(cache: Any) -> int:
+def cache_length(cache: Any, layer_idx: int = 0) -> int:
     layers = cache_layers(cache)
-    return layer_length(layers[0]) if layers else 0
+    return layer_length(layers[layer_idx]) if len(layers) > layer_idx else 0
 
 
 def new_dynamic_cache(model: nn.Module) -> Any:

@@ -25,6 +25,8 @@ import torch
 __all__ = [
     "validate_budget",
     "sink_window_indices",
+    "padded_sink_window_indices",
+    "ring_slot",
     "compress",
     "rope_rotate",
     "rope_phase",
@@ -71,6 +73,48 @@ def sink_window_indices(
     )
 
 
+def padded_sink_window_indices(valid: torch.Tensor, n_sink: int, capacity: int) -> torch.Tensor:
+    """Per row of a left-padded batch: which entries survive, ``[batch, capacity]`` indices.
+
+    ``valid`` is ``[batch, seq]`` bool in stream order (False: padding). Each row keeps its
+    own first ``n_sink`` *real* entries as sinks (padding stands in where a row has fewer
+    so far), then its newest ``capacity - n_sink`` entries. Indices are sorted per row.
+
+    >>> valid = torch.tensor([[False, False, True, True, True, True]])
+    >>> padded_sink_window_indices(valid, 1, 3).tolist()
+    [[2, 4, 5]]
+    """
+    validate_budget(n_sink, capacity)
+    window = capacity - n_sink
+    rows = []
+    for row in valid.tolist():
+        real = [j for j, ok in enumerate(row) if ok]
+        pads = [j for j, ok in enumerate(row) if not ok]
+        sinks = real[:n_sink]
+        sinks = sinks + pads[: n_sink - len(sinks)]  # a short row pins padding in its spare sink slots
+        chosen = set(sinks)
+        rest = [j for j in range(len(row)) if j not in chosen]
+        rows.append(sorted(sinks) + rest[len(rest) - window :])
+    return torch.tensor(rows, dtype=torch.long, device=valid.device)
+
+
+def ring_slot(next_slot: int, n_sink: int, capacity: int) -> tuple[int, int]:
+    """One token into a full cache kept as a ring: the slot it overwrites (the oldest window
+    entry, at ``next_slot``) and where the oldest entry sits afterwards.
+
+    Slots ``[0, n_sink)`` hold the sinks; ``[n_sink, capacity)`` the window, whose oldest entry
+    moves one slot on (wrapping) per token. The kept set is exactly
+    ``sink_window_indices`` of the stream, in another physical order.
+
+    >>> ring_slot(4, 2, 5)
+    (4, 2)
+    """
+    window = capacity - n_sink
+    if not n_sink <= next_slot < capacity:
+        raise ValueError(f"next_slot must lie in the window [{n_sink}, {capacity}), got {next_slot}")
+    return next_slot, n_sink + (next_slot - n_sink + 1) % window
+
+
 def compress(
     keys: torch.Tensor, values: torch.Tensor, n_sink: int, capacity: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +134,8 @@ def compress(
     validate_budget(n_sink, capacity)
     if seq_len <= capacity:
         return keys, values
-    window = capacity - n_sink
-    keys = torch.cat([keys[..., :n_sink, :], keys[..., seq_len - window :, :]], dim=-2)
-    values = torch.cat([values[..., :n_sink, :], values[..., seq_len - window :, :]], dim=-2)
-    return keys, values
+    kept = sink_window_indices(seq_len, n_sink, capacity, device=keys.device)
+    return keys.index_select(-2, kept), values.index_select(-2, kept)
 
 
 def rope_rotate(

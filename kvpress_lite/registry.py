@@ -22,7 +22,7 @@ import pluggy
 from torch import nn
 
 from . import hookspecs
-from .adapter import Adapter
+from .adapter import Adapter, Refusal
 from .errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Registry:
         self.problems: list[str] = []
         self._dists: dict[str, tuple[Optional[str], Optional[str]]] = {}
         self._adapters: Optional[dict[str, AdapterInfo]] = None
+        self._refusals: dict[str, tuple[str, str]] = {}  # model_type -> (reason, plugin)
 
     # -- loading -----------------------------------------------------------------
     def load_entry_points(self) -> None:
@@ -92,31 +93,43 @@ class Registry:
         if self._adapters is not None:
             return self._adapters
         found: dict[str, AdapterInfo] = {}
+        refusals: dict[str, tuple[str, str]] = {}
         for impl in self.manager.hook.kvpress_lite_register_adapters.get_hookimpls():
             plugin_name = impl.plugin_name
             dist, version = self._dists.get(plugin_name, (None, None))
-            collected: list[Adapter] = []
+            collected: list = []
 
-            def register(adapter: Adapter, _sink: list = collected) -> None:
-                if not isinstance(adapter, Adapter):
-                    raise TypeError(f"register() takes a kvpress_lite.Adapter, got {type(adapter).__name__}")
-                _sink.append(adapter)
+            def register(item: Adapter | Refusal, _sink: list = collected) -> None:
+                if not isinstance(item, (Adapter, Refusal)):
+                    raise TypeError(
+                        f"register() takes a kvpress_lite.Adapter or kvpress_lite.Refusal, got {type(item).__name__}"
+                    )
+                _sink.append(item)
 
             try:
                 impl.function(register=register)
             except Exception as exc:
                 self._report(f"kvpress-lite plugin {plugin_name!r} raised in kvpress_lite_register_adapters and was skipped: {exc!r}")
                 continue
-            for adapter in collected:
-                if adapter.name in found:
+            for item in collected:
+                if isinstance(item, Refusal):
+                    for model_type in item.model_types:
+                        refusals.setdefault(model_type, (item.reason, plugin_name))
+                    continue
+                if item.name in found:
                     self._report(
-                        f"adapter name {adapter.name!r} from plugin {plugin_name!r} is already provided by "
-                        f"plugin {found[adapter.name].plugin!r}; the later one is ignored"
+                        f"adapter name {item.name!r} from plugin {plugin_name!r} is already provided by "
+                        f"plugin {found[item.name].plugin!r}; the later one is ignored"
                     )
                     continue
-                found[adapter.name] = AdapterInfo(adapter.name, adapter.model_types, plugin_name, dist, version, adapter)
-        self._adapters = found
+                found[item.name] = AdapterInfo(item.name, item.model_types, plugin_name, dist, version, item)
+        self._adapters, self._refusals = found, refusals
         return found
+
+    def refusals(self) -> dict[str, tuple[str, str]]:
+        """``model_type -> (reason, plugin)`` for every type a plugin declared it refuses."""
+        self.adapters()
+        return self._refusals
 
     def find(self, model: nn.Module, name: str | None = None) -> Adapter:
         adapters = self.adapters()
@@ -127,10 +140,16 @@ class Registry:
             return adapters[name].adapter
         matching = [a for a in adapters.values() if a.adapter.matches(model)]
         if not matching:
-            config = getattr(model, "config", None)
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            if model_type in self._refusals:
+                reason, plugin = self._refusals[model_type]
+                raise UnsupportedModelError(
+                    f"kvpress-lite does not serve {type(model).__name__} (model_type={model_type!r}): {reason} "
+                    f"(declared by plugin {plugin!r}). {HOW_TO_ADD}"
+                )
             raise UnsupportedModelError(
-                f"no kvpress-lite adapter recognises {type(model).__name__} "
-                f"(model_type={getattr(config, 'model_type', None)!r}). Adapters found: {listing}. {HOW_TO_ADD}"
+                f"no kvpress-lite adapter recognises {type(model).__name__} (model_type={model_type!r}). "
+                f"Adapters found: {listing}. {HOW_TO_ADD}"
             )
         if len(matching) > 1:
             logger.warning(

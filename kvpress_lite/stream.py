@@ -1,8 +1,9 @@
 """Per-stream state of the press and the plan of one model call.
 
 A *stream* is one cache object being filled call after call. The press keeps, for each
-stream, how many tokens went in, how many entries each layer stores, where the oldest
-window entry sits, and the pristine (never re-rotated) keys of the sinks.
+stream, how many tokens went in, how many entries each pressed layer stores, where the
+oldest window entry sits, and whatever the position scheme keeps per layer (RoPE: the
+pristine keys of the sinks).
 
 Layout of a full layer cache (``capacity`` = C slots, W = C - n_sink)::
 
@@ -10,9 +11,11 @@ Layout of a full layer cache (``capacity`` = C slots, W = C - n_sink)::
     slots [n_sink, C)   the window, kept as a ring: the oldest entry sits at `next_slot`
 
 Attention does not care in which order stored entries sit (every stored entry is
-visible to every new token, and RoPE or learned positions are already baked in), so a
-single new token simply overwrites the oldest window slot: no copy of the cache. A step
-of several tokens (a prompt chunk) gathers the kept entries back into stream order.
+visible to every new token, and positions are already baked in), so a single new token
+simply overwrites the oldest window slot (:func:`core.ring_slot`): no copy of the cache.
+A step of several tokens (a prompt chunk) gathers the kept entries back into stream
+order (:func:`core.sink_window_indices`). Which entries survive is decided by those core
+functions alone.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ from typing import Optional, Union
 
 import torch
 
-from .adapter import LearnedPositions, PositionScheme, Rope
-from .core import rope_phase, rope_rotate, to_rotary_pairs, write_rotated
+from .core import padded_sink_window_indices, ring_slot, sink_window_indices
+from .positions import PositionScheme, Trim
 
 
 @dataclass
 class LayerState:
-    sink_pairs: Optional[torch.Tensor] = None  # [batch, kv_heads, n_sink, rotary_dims/2] complex128, as first encoded
+    scheme_state: dict = field(default_factory=dict)  # the position scheme's own per-layer state
     keys_ref: Optional[torch.Tensor] = None  # the tensor the press left in the layer (tamper check)
 
 
@@ -37,16 +40,16 @@ class Stream:
     n_sink: int
     capacity: int
     batch: int
-    stored: int = 0  # entries in every layer after the last call
+    stored: int = 0  # entries in every pressed layer after the last call
     next_slot: int = 0  # physical slot of the oldest window entry
     # Unpadded streams count with ints (every row alike); padded ones with [batch] tensors.
     real_seen: Union[int, torch.Tensor] = 0  # real (non-pad) tokens taken in
     shift: Union[int, torch.Tensor] = 0  # real tokens evicted = how far the sinks move
     valid: Optional[torch.Tensor] = None  # [batch, stored] bool, padded streams only
-    offset: int = 0  # subtracted from every RoPE position handed to the model (see rebase)
+    offset: int = 0  # subtracted from every position handed to the model (see PositionScheme.rebase_step)
     sinks_fixed: bool = False  # True once the sinks sit at slots [0, n_sink)
     broken: bool = False
-    layers: list[LayerState] = field(default_factory=list)
+    layers: dict[int, LayerState] = field(default_factory=dict)  # pressed layer index -> its state
 
     def __post_init__(self) -> None:
         self.next_slot = self.n_sink
@@ -56,6 +59,9 @@ class Stream:
         self.valid = valid
         self.real_seen = valid.sum(1)
         self.shift = torch.zeros(self.batch, dtype=torch.long)
+
+    def layer(self, layer_idx: int) -> LayerState:
+        return self.layers.setdefault(layer_idx, LayerState())
 
     @property
     def window(self) -> int:
@@ -70,10 +76,15 @@ class Stream:
         """Real tokens taken in by the longest row."""
         return int(self.real_seen.max()) if self.padded else int(self.real_seen)
 
+    @property
+    def shortest_row(self) -> int:
+        """Real tokens taken in by the shortest row."""
+        return int(self.real_seen.min()) if self.padded else int(self.real_seen)
+
 
 @dataclass
 class CallPlan:
-    """What one model call does to every layer; computed once, applied per layer."""
+    """What one model call does to every pressed layer; computed once, applied per layer."""
 
     stream: Stream
     q: int  # new tokens in this call
@@ -83,7 +94,7 @@ class CallPlan:
     index: Optional[torch.Tensor] = None  # gather: [C] or [batch, C] physical indices to keep
     slot: int = -1  # ring: the slot the new token overwrites
     shift_after: Union[int, torch.Tensor] = 0  # sink shift once this call is done
-    phase: Optional[torch.Tensor] = None  # rope_phase(shift_after - offset), shared by every layer
+    shared: dict = field(default_factory=dict)  # computed once per call, used by every layer (e.g. a phase)
     evicted: int = 0  # entries dropped per layer, summed over rows
     valid_after: Optional[torch.Tensor] = None
     next_slot_after: int = 0
@@ -94,8 +105,8 @@ class CallPlan:
 
 
 def plan_call(stream: Stream, q: int, new_valid: Optional[torch.Tensor]) -> CallPlan:
-    """Decide what to keep once this call's ``q`` tokens are appended to every layer."""
-    n_sink, capacity, window = stream.n_sink, stream.capacity, stream.window
+    """Decide what to keep once this call's ``q`` tokens are appended to every pressed layer."""
+    n_sink, capacity = stream.n_sink, stream.capacity
     stored, total = stream.stored, stream.stored + q
     valid_all = None
     if stream.padded:
@@ -106,15 +117,14 @@ def plan_call(stream: Stream, q: int, new_valid: Optional[torch.Tensor]) -> Call
         return plan
 
     if q == 1 and stored == capacity and stream.sinks_fixed:
-        slot = stream.next_slot
-        plan.kind, plan.slot = "ring", slot
-        plan.next_slot_after = n_sink + (slot - n_sink + 1) % window
+        plan.kind = "ring"
+        plan.slot, plan.next_slot_after = ring_slot(stream.next_slot, n_sink, capacity)
         if valid_all is None:
             gone = 1
         else:
-            gone = valid_all[:, slot].long()
+            gone = valid_all[:, plan.slot].long()
             plan.valid_after = valid_all[:, :capacity].clone()
-            plan.valid_after[:, slot] = valid_all[:, capacity]
+            plan.valid_after[:, plan.slot] = valid_all[:, capacity]
         plan.shift_after = stream.shift + gone
         plan.evicted = stream.batch
         return plan
@@ -125,10 +135,9 @@ def plan_call(stream: Stream, q: int, new_valid: Optional[torch.Tensor]) -> Call
     order = list(range(min(n_sink, stored))) + ring[turn:] + ring[:turn] + list(range(stored, total))
     order_t = torch.tensor(order, dtype=torch.long)
     if stream.sinks_fixed or not stream.padded:
-        index = torch.cat([order_t[:n_sink], order_t[total - window :]])
-    else:
-        index = _padded_first_trim(valid_all[:, order_t], n_sink, window)  # logical -> map to physical
-        index = order_t[index]
+        index = order_t[sink_window_indices(total, n_sink, capacity)]
+    else:  # logical (stream-order) indices per row, mapped to physical slots
+        index = order_t[padded_sink_window_indices(valid_all[:, order_t], n_sink, capacity)]
     plan.kind, plan.index = "gather", index
     plan.next_slot_after = n_sink
     if valid_all is None:
@@ -143,7 +152,7 @@ def plan_call(stream: Stream, q: int, new_valid: Optional[torch.Tensor]) -> Call
 
 
 def commit_plan(plan: CallPlan) -> None:
-    """Advance the stream once every layer has applied ``plan``."""
+    """Advance the stream once every pressed layer has applied ``plan``."""
     stream, new_valid = plan.stream, plan.new_valid
     stream.real_seen = stream.real_seen + (plan.q if new_valid is None else new_valid.sum(1))
     stream.stored = plan.total if plan.kind == "none" else stream.capacity
@@ -152,31 +161,17 @@ def commit_plan(plan: CallPlan) -> None:
         stream.sinks_fixed = True
 
 
-def _padded_first_trim(valid: torch.Tensor, n_sink: int, window: int) -> torch.Tensor:
-    """Per row of a left-padded batch: the first ``n_sink`` *real* tokens become the sinks
-    (padding stands in where a row has fewer), then the newest ``window`` entries.
-    ``valid`` is [batch, total] in stream order; returns [batch, n_sink + window] indices."""
-    rows = []
-    for row in valid.tolist():
-        real = [j for j, ok in enumerate(row) if ok]
-        sinks = real[:n_sink]
-        pads = [j for j, ok in enumerate(row) if not ok]
-        sinks = sinks + pads[: n_sink - len(sinks)]  # a short row pins padding in its spare sink slots
-        chosen = set(sinks)
-        rest = [j for j in range(len(row)) if j not in chosen]
-        rows.append(sorted(sinks) + rest[len(rest) - window :])
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def apply_plan(plan: CallPlan, layer, state: LayerState, positions: PositionScheme, position_shift: bool) -> None:
-    """Trim one layer's cache (already updated with this call's tokens) as ``plan`` says."""
+def apply_plan(plan: CallPlan, layer, layer_idx: int, scheme: PositionScheme, position_shift: bool) -> None:
+    """Trim one layer's cache (already updated with this call's tokens) as ``plan`` says, then
+    let the position scheme adjust the kept entries."""
     keys, values = layer.keys, layer.values  # [batch, kv_heads, total, head_dim]
-    stream, capacity, n_sink = plan.stream, plan.stream.capacity, plan.stream.n_sink
+    stream, capacity = plan.stream, plan.stream.capacity
+    state = stream.layer(layer_idx)
     if keys.shape[-2] != plan.total:
         stream.broken = True
         raise RuntimeError(
-            f"kvpress-lite: a cache layer holds {keys.shape[-2]} entries after the update, expected {plan.total}. "
-            "Was the cache shared with another model or modified during the call?"
+            f"kvpress-lite: cache layer {layer_idx} holds {keys.shape[-2]} entries after the update, expected "
+            f"{plan.total}. Was the cache shared with another model or modified during the call?"
         )
     if plan.kind == "none":
         state.keys_ref = keys
@@ -188,39 +183,35 @@ def apply_plan(plan: CallPlan, layer, state: LayerState, positions: PositionSche
             keys, values = keys.narrow(-2, 0, capacity), values.narrow(-2, 0, capacity)
         else:
             keys, values = _gather(keys, plan.index), _gather(values, plan.index)
-        if n_sink and position_shift and isinstance(positions, Rope):
-            sinks = keys[..., :n_sink, :]
-            if state.sink_pairs is None:  # first eviction: the sinks still carry their original rotation
-                state.sink_pairs = to_rotary_pairs(sinks, positions.rotary_dims, positions.interleaved)
-            if plan.phase is None:
-                plan.phase = rope_phase(plan.shift_after - stream.offset, positions.inv_freq).to(keys.device)
-            write_rotated(sinks, state.sink_pairs, plan.phase, positions.interleaved)
+        if position_shift:
+            shift = plan.shift_after - stream.offset
+            scheme.after_trim(keys, Trim(layer_idx, stream.n_sink, shift, state.scheme_state, plan.shared))
     layer.keys, layer.values = keys, values
     state.keys_ref = keys
 
 
-def rebase(stream: Stream, layers: list, positions: Rope, period: int) -> bool:
-    """Keep RoPE positions small however long the stream runs.
+def rebase(stream: Stream, layers: dict[int, object], scheme: PositionScheme) -> int:
+    """Keep positions small however long the stream runs, where the scheme asks for it.
 
-    The query and the window keys carry absolute positions, and float32 angles lose
-    precision as positions grow (0.06 rad of spacing at position 1e6). Once the positions
-    handed to the model pass ``period``, every stored key is rotated back by ``R`` positions
-    (one float64 rotation, O(capacity) once per ``R`` tokens, so a key is rebased at most once
-    while it lives when ``R`` exceeds the window) and ``R`` is subtracted from every later
-    position; the sinks follow through their phase. Returns True when it rebased.
+    Once the scheme's :meth:`~PositionScheme.rebase_step` says so, every stored key of every
+    attention layer (pressed or sliding, the sinks included: they carry the phase written
+    in the old coordinates, and the next trim rewrites them from their pristine copy in the
+    new ones) moves back by ``step`` positions, and ``step`` is subtracted from every later
+    position. O(capacity) once per period, so a key is rebased at most once while it lives.
+    ``layers``: layer index -> cache layer. Returns the step (0: nothing done).
     """
-    seen = int(stream.real_seen if not stream.padded else stream.real_seen.min())
-    if stream.stored < stream.capacity or not stream.sinks_fixed or seen - stream.offset < period:
-        return False
-    step = seen - stream.offset - stream.capacity
+    if stream.stored < stream.capacity or not stream.sinks_fixed:
+        return 0
+    step = scheme.rebase_step(stream.shortest_row - stream.offset, stream.capacity)
+    if step <= 0:
+        return 0
     with torch.no_grad():
-        for layer in layers[: len(stream.layers)]:
-            # the sinks too: they carry the phase written for this step in the old coordinates
-            # (the next trim rewrites them from their pristine copy in the new ones)
-            stored = layer.keys[..., : stream.stored, :]
-            stored.copy_(rope_rotate(stored, -step, positions.inv_freq, positions.rotary_dims, positions.interleaved))
+        for layer_idx, layer in layers.items():
+            keys = getattr(layer, "keys", None)
+            if keys is not None and keys.numel():
+                scheme.rebase(keys, layer_idx, step)
     stream.offset += step
-    return True
+    return step
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -231,23 +222,11 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index.view(b, 1, -1, 1).expand(b, h, index.shape[1], d))
 
 
-def positions_for(stream: Stream, plan: CallPlan, new_valid: Optional[torch.Tensor], scheme: PositionScheme,
-                  position_shift: bool) -> torch.Tensor:
-    """Position ids ``[batch, q]`` for this call's tokens.
-
-    RoPE: the absolute (real-token) position. With the sink shift this makes the query and
-    every kept key relate exactly as if the cache held positions 0..L-1 contiguously.
-    Learned positions with ``position_shift``: the slot the token takes in the cache,
-    never above ``capacity - 1``.
-    """
-    q = plan.q
+def stream_positions(stream: Stream, q: int, new_valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """Positions ``[batch, q]`` of this call's tokens in the stream (real tokens counted, minus
+    the rebase offset); the position scheme turns them into what the model is handed."""
     if new_valid is None:
         pos = torch.arange(stream.real_seen, stream.real_seen + q).view(1, -1).expand(stream.batch, q)
     else:
         pos = (stream.real_seen.view(-1, 1) + new_valid.long().cumsum(1) - 1).clamp(min=0)
-    if stream.offset:
-        pos = pos - stream.offset
-    if isinstance(scheme, LearnedPositions) and position_shift:
-        bound = (stream.capacity - q) + torch.arange(q).view(1, -1)
-        pos = torch.minimum(pos, bound).clamp(min=0)
-    return pos
+    return pos - stream.offset if stream.offset else pos

@@ -9,8 +9,8 @@ transformers' DynamicLayer, so no model forward is needed for 20,000 steps.
 import pytest
 import torch
 
-from kvpress_lite.adapter import Rope
-from kvpress_lite.stream import LayerState, Stream, apply_plan, commit_plan, plan_call
+from kvpress_lite.positions import Rotary
+from kvpress_lite.stream import Stream, apply_plan, commit_plan, plan_call
 
 STEPS = 20_000
 N_SINK, CAPACITY, HEADS, HEAD_DIM = 4, 16, 2, 64
@@ -47,8 +47,8 @@ def ulp(x: torch.Tensor) -> torch.Tensor:
 def test_sinks_stay_within_one_rounding_after_20000_evictions(dtype):
     gen = torch.Generator().manual_seed(0)
     inv_freq = 10000.0 ** (-torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM)
-    positions = Rope(inv_freq=inv_freq)
-    layer, state = GrowingLayer(), LayerState()
+    positions = Rotary(inv_freq=inv_freq)
+    layer = GrowingLayer()
     stream = Stream(N_SINK, CAPACITY, batch=1)
     stream.sinks_fixed = True
     originals = None
@@ -56,7 +56,7 @@ def test_sinks_stay_within_one_rounding_after_20000_evictions(dtype):
         k = torch.randn(1, HEADS, 1, HEAD_DIM, generator=gen).to(dtype)
         layer.update(k, k.clone())
         plan = plan_call(stream, 1, None)
-        apply_plan(plan, layer, state, positions, position_shift=True)
+        apply_plan(plan, layer, 0, positions, position_shift=True)
         commit_plan(plan)
         if step == N_SINK - 1:
             originals = layer.keys[..., :N_SINK, :].clone()

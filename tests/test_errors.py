@@ -74,7 +74,7 @@ def test_beam_search_is_refused():
 def test_static_cache_is_refused():
     model = tiny_model("llama")
     with kvl.apply_press(model, n_sink=4, capacity=16):
-        with pytest.raises(kvl.UnsupportedGenerationError, match="Static caches"):
+        with pytest.raises(kvl.UnsupportedGenerationError, match="static cache"):
             model.generate(torch.randint(0, 128, (1, 8)), cache_implementation="static", max_new_tokens=20,
                            pad_token_id=0)
 

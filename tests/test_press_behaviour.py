@@ -204,7 +204,7 @@ def test_rebase_keeps_rope_positions_small_without_changing_logits(family):
         plain = loop_logits(model, ids, 10)
     handed = []
     with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY) as press:
-        press._rebase_period = 3 * CAPACITY  # instead of 2**15, so a short test rebases several times
+        press.positions.rebase_period = 3 * CAPACITY  # instead of 2**15, so a short test rebases several times
         # registered after the press's own pre-hook, so it sees the positions the press hands on
         handle = model.base_model.register_forward_pre_hook(
             lambda m, args, kwargs: handed.append(int(kwargs["position_ids"].max())), with_kwargs=True)

@@ -1,0 +1,334 @@
+"""A press attached to one model: its hooks and runtime state (streams, the call in flight).
+
+Three kinds of hooks, none of which replaces a ``forward`` or edits transformers:
+
+* a forward **pre-hook on the base model** sees every call first: it recognises the stream
+  (the cache object), supplies ``position_ids`` (and ``cache_position`` where the model
+  still takes it), replaces a padding mask with one that matches the compacted cache,
+  splits a long prompt into chunks (:class:`~kvpress_lite.chunking.ChunkedPrefill`), and
+  plans which entries every layer will keep;
+* a forward **post-hook on every pressed attention module** trims that layer's cache
+  right after the attention used it, i.e. *after* the cache update: the causal mask was
+  sized before any layer ran, so trimming earlier breaks it;
+* a forward **post-hook on the base model** commits the stream's counters and stitches
+  the hidden states of a chunked prompt back together.
+
+Everything family-specific comes from the adapter (where the attention modules are, the
+cache keyword) and its position scheme (what positions to hand the model, what to do to
+kept entries): this module never asks which scheme it holds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import nn
+
+from . import cache_access
+from .adapter import Adapter, base_model
+from .chunking import ChunkedPrefill
+from .errors import UnsupportedGenerationError, UnsupportedModelError
+from .positions import PositionScheme
+from .stream import CallPlan, Stream, apply_plan, commit_plan, plan_call, rebase, stream_positions
+
+if TYPE_CHECKING:
+    from .press import StreamingLLMPress
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How the press treats each attention layer of a model, decided at ``apply_press``."""
+
+    pressed: tuple[int, ...]  # layer indices of full layers: sinks + window
+    sliding: tuple[int, ...]  # layer indices of sliding-window layers: left to transformers
+    reference: int  # the pressed layer whose length the stream tracks
+
+
+def plan_layers(model: nn.Module, layer_indices: list[int], capacity: Optional[int]) -> LayerPlan:
+    """Read each attention layer's cache kind off the cache the model would build, and refuse
+    (naming the config field) what the press cannot honour, before anything runs."""
+    probe = cache_access.new_dynamic_cache(model)
+    layers = getattr(cache_access.self_attention_cache(probe), "layers", None) or []
+    pressed, sliding = [], []
+    for idx in layer_indices:
+        layer = layers[idx] if idx < len(layers) else None
+        kind = cache_access.FULL if layer is None else cache_access.layer_kind(layer)
+        if kind == cache_access.SLIDING:
+            window = int(getattr(layer, "sliding_window"))
+            if capacity is not None and window - 1 > capacity:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} has sliding-window attention layers (config.sliding_window={window}) "
+                    f"that keep their last {window - 1} entries, more than capacity={capacity}. Use "
+                    f"capacity >= {window - 1}, or, if the model works with full attention, set "
+                    "config.sliding_window = None (and config.use_sliding_window = False) before loading it."
+                )
+            sliding.append(idx)
+        else:
+            pressed.append(idx)
+    if not pressed:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: every attention layer keeps its own sliding window, there is nothing for the "
+            "press to bound; run the model without a press"
+        )
+    return LayerPlan(tuple(pressed), tuple(sliding), pressed[0])
+
+
+class Attachment:
+    """The runtime side of a press registered on one model. Created by
+    :meth:`StreamingLLMPress.register`; gone with :meth:`StreamingLLMPress.remove`."""
+
+    def __init__(self, press: "StreamingLLMPress", model: nn.Module, adapter: Adapter) -> None:
+        self.press, self.model, self.adapter = press, model, adapter
+        self.base = base_model(model)
+        self.scheme: PositionScheme = adapter.positions(model)
+        self.scheme.check(model, capacity=press.capacity, position_shift=press.position_shift)
+        attentions = adapter.attention_modules(model)
+        indices = [_layer_index(attention, i) for i, attention in enumerate(attentions)]
+        self.layers = plan_layers(model, indices, press.capacity)
+        self.base_kwargs = set(inspect.signature(self.base.forward).parameters)
+        self.n_layers = len(attentions)
+        self.streams: "weakref.WeakKeyDictionary[Any, Stream]" = weakref.WeakKeyDictionary()
+        self.call: Optional[CallPlan] = None
+        self.chunked: Optional[ChunkedPrefill] = None
+        self.handles: list = []
+        try:
+            self.handles.append(self.base.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self.handles.append(self.base.register_forward_hook(self._post_hook, with_kwargs=True))
+            pressed = set(self.layers.pressed)
+            for attention, idx in zip(attentions, indices):
+                if idx in pressed:
+                    hook = self._attention_hook(idx, adapter.cache_kwarg(attention))
+                    self.handles.append(attention.register_forward_hook(hook, with_kwargs=True))
+        except Exception:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.call = self.chunked = None
+        self.streams = weakref.WeakKeyDictionary()
+
+    # -- hooks -----------------------------------------------------------------------
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.call is not None:  # the previous call raised before finishing: its cache is inconsistent
+            self.call.stream.broken = True
+            self.call = self.chunked = None
+        kwargs = dict(kwargs)
+        if args:  # transformers passes everything by keyword; a user may pass input_ids positionally
+            kwargs.setdefault("input_ids", args[0])
+            args = ()
+        tokens = kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None:
+            return None
+        cache_name, cache = _find_cache(kwargs)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", True)
+        if cache is None and not use_cache:
+            return None  # no cache, nothing to press
+        batch, q = tokens.shape[0], tokens.shape[1]
+        if cache is None:
+            cache = cache_access.new_dynamic_cache(module)
+            cache_name = next(n for n in cache_access.MODEL_CACHE_KWARGS if n in self.base_kwargs)
+            kwargs[cache_name] = cache
+        kwargs.pop("past_key_values" if cache_name == "cache" else "cache", None)
+        stream = self._stream_for(cache, batch, q, kwargs.get("attention_mask"))
+        new_valid = self._new_token_mask(kwargs.get("attention_mask"), stream, q)
+
+        chunk = self.press.prefill_chunk_size or stream.window
+        if stream.stored + q > stream.capacity and q > chunk and self.chunked is None:
+            chunked = ChunkedPrefill(kwargs, q, chunk)
+            last = chunked.run_prefix(module)
+            self.chunked = chunked  # set after the prefix: its calls must not stitch
+            return (), self._pre_hook(module, (), last)[1]
+
+        press, scheme = self.press, self.scheme
+        limit = scheme.max_positions
+        if limit is not None and not press.position_shift and stream.longest_row + q > limit:
+            raise UnsupportedGenerationError(
+                f"position_shift=False keeps absolute positions, and this stream reaches position "
+                f"{stream.longest_row + q - 1}, past the {limit} learned positions of the model. Use position_shift=True."
+            )
+        _check_not_rewound(kwargs, stream)
+        if press.position_shift:
+            layers = cache_access.cache_layers(kwargs[cache_name])
+            attention_layers = {i: layers[i] for i in self.layers.pressed + self.layers.sliding if i < len(layers)}
+            if step := rebase(stream, attention_layers, scheme):
+                logger.debug("kvpress-lite: rebased positions by %d (offset now %d)", step, stream.offset)
+        plan = plan_call(stream, q, new_valid)
+        positions = scheme.position_ids(
+            stream_positions(stream, q, new_valid), capacity=stream.capacity, position_shift=press.position_shift
+        )
+        kwargs["position_ids"] = positions.to(tokens.device)
+        if "cache_position" in self.base_kwargs:  # transformers < 5.x: mask and cache read it
+            kwargs["cache_position"] = torch.arange(stream.stored, stream.stored + q, device=tokens.device)
+        if stream.padded:
+            mask = torch.cat([stream.valid, new_valid], dim=1) if stream.stored else new_valid
+            kwargs["attention_mask"] = mask.to(device=tokens.device, dtype=torch.long)
+        elif kwargs.get("attention_mask") is not None and kwargs["attention_mask"].dim() == 2:
+            kwargs["attention_mask"] = None  # all ones, and sized for the uncompressed stream
+        self.call = plan
+        return (), kwargs
+
+    def _attention_hook(self, layer_idx: int, cache_kwarg: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            plan = self.call
+            cache = kwargs.get(cache_kwarg)
+            if plan is None or cache is None:
+                return None
+            layer = cache_access.cache_layers(cache)[layer_idx]
+            apply_plan(plan, layer, layer_idx, self.scheme, self.press.position_shift)
+            return None
+
+        return hook
+
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        plan, self.call = self.call, None
+        if plan is None:
+            return None
+        stream = plan.stream
+        commit_plan(plan)
+        stats = self.press.stats
+        if plan.kind != "none":
+            stats.compressions += 1
+            stats.evicted_tokens += plan.evicted
+        stats.cache_length = [stream.stored] * self.n_layers
+        stats.seen_tokens = stream.longest_row
+        stats.capacity = stream.capacity
+        chunked, self.chunked = self.chunked, None
+        return None if chunked is None else chunked.stitch(output)
+
+    # -- helpers -----------------------------------------------------------------------
+    def _stream_for(self, cache: Any, batch: int, q: int, attention_mask: Optional[torch.Tensor]) -> Stream:
+        key = cache_access.self_attention_cache(cache)
+        stream = self.streams.get(key)
+        layers = cache_access.cache_layers(cache)
+        for idx in self.layers.pressed + self.layers.sliding:
+            if idx < len(layers):
+                cache_access.layer_kind(layers[idx])
+        if stream is not None:
+            if stream.broken:
+                raise UnsupportedGenerationError(
+                    "an earlier call on this cache failed part-way, so its layers disagree; start a new cache"
+                )
+            for idx, state in stream.layers.items():
+                if state.keys_ref is not None and layers[idx].keys is not state.keys_ref:
+                    stream.broken = True
+                    raise UnsupportedGenerationError(
+                        "the cache was changed outside the press (beam search, assisted/speculative decoding, or a "
+                        "manual crop or reorder). The press serves greedy and sampling decoding with one cache per "
+                        "stream; use num_beams=1 and no assistant model."
+                    )
+            if stream.batch != batch:
+                raise UnsupportedGenerationError(
+                    f"this cache holds a batch of {stream.batch} rows but the call has {batch}; the press cannot "
+                    "follow a batch that changes size mid-stream (beam search or batch reordering)"
+                )
+            return stream
+        existing = cache_access.cache_length(cache, self.layers.reference)
+        capacity = self._capacity_for(q)
+        if existing > capacity:
+            raise UnsupportedGenerationError(
+                f"this cache already holds {existing} entries (more than capacity={capacity}) that were not produced "
+                "under this press; start from an empty cache after applying the press"
+            )
+        stream = Stream(self.press.n_sink, capacity, batch)
+        stream.stored = stream.real_seen = existing
+        mask = attention_mask
+        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+            if existing:
+                raise UnsupportedGenerationError("a padded batch must start from an empty cache when the press is applied")
+            if self.layers.sliding:
+                raise UnsupportedGenerationError(
+                    "padded batches are not supported on models with sliding-window layers (their masks count "
+                    "absolute columns); run the rows one by one"
+                )
+            stream.start_padding(torch.zeros(batch, 0, dtype=torch.bool))
+        else:
+            stream.sinks_fixed = True
+        self.streams[key] = stream
+        self.press.stats.streams += 1
+        logger.debug("kvpress-lite: new stream (batch=%d, capacity=%d, padded=%s)", batch, capacity, stream.padded)
+        return stream
+
+    def _capacity_for(self, prompt_length: int) -> int:
+        press = self.press
+        if press.capacity is not None:
+            return press.capacity
+        capacity = int(prompt_length * (1 - press.compression_ratio))
+        if capacity <= press.n_sink:
+            raise ValueError(
+                f"compression_ratio={press.compression_ratio} on a prompt of {prompt_length} tokens leaves a capacity "
+                f"of {capacity}, not more than n_sink={press.n_sink}; use a smaller ratio or a fixed capacity"
+            )
+        limit = self.scheme.max_positions
+        return min(capacity, limit) if limit is not None else capacity
+
+    def _new_token_mask(self, mask: Optional[torch.Tensor], stream: Stream, q: int) -> Optional[torch.Tensor]:
+        if mask is None:
+            if stream.padded:
+                return torch.ones(stream.batch, q, dtype=torch.bool)
+            return None
+        if mask.dim() != 2:
+            raise UnsupportedGenerationError(
+                f"the press builds its own attention mask and cannot honour a {mask.dim()}D attention_mask; "
+                "pass a 2D padding mask (batch, tokens) or none"
+            )
+        new = mask[:, -q:].bool().cpu()
+        if not stream.padded:
+            if not bool(new.all()):
+                raise UnsupportedGenerationError(
+                    "padding appeared in the middle of an unpadded stream; pad prompts on the left, at the start"
+                )
+            return None
+        return new
+
+
+def _layer_index(attention: nn.Module, position: int) -> int:
+    layer_idx = getattr(attention, "layer_idx", None)
+    return position if layer_idx is None else int(layer_idx)
+
+
+def _find_cache(kwargs: dict) -> tuple[Optional[str], Any]:
+    for name in cache_access.MODEL_CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            cache = kwargs[name]
+            if isinstance(cache, (tuple, list)):
+                raise UnsupportedGenerationError(
+                    "legacy tuple caches are not supported; pass a transformers.DynamicCache (or no cache)"
+                )
+            return name, cache
+    return None, None
+
+
+def _check_not_rewound(kwargs: dict, stream: Stream) -> None:
+    """generate() hands absolute positions; if they start before the tokens the stream already
+    took in, generation went back (assisted/speculative decoding rejected tokens and cropped
+    the cache) and the compacted cache cannot follow."""
+    given = kwargs.get("position_ids")
+    if given is None:
+        given = kwargs.get("cache_position")  # transformers 4.x, absolute in generate()
+        expected = stream.real_seen if not stream.padded else None
+    else:
+        expected = stream.real_seen
+    if given is None or expected is None or given.numel() == 0:
+        return
+    first = given.reshape(-1, given.shape[-1])[:, 0].cpu()
+    if bool((first < torch.as_tensor(expected)).any()):
+        stream.broken = True
+        raise UnsupportedGenerationError(
+            "the stream went back: this call starts at a position the press has already taken in. That is what "
+            "assisted/speculative decoding (or a manual cache crop) does when it rejects tokens; the press serves "
+            "greedy and sampling decoding only."
+        )
