@@ -14,13 +14,26 @@ from typing import Optional
 
 def _adapters(args: argparse.Namespace) -> int:
     import kvpress_lite as kvl
-    from kvpress_lite.registry import get_registry
+    from kvpress_lite.registry import get_registry, support_for
 
-    infos = kvl.available_adapters()
-    print(f"{'adapter':<12} {'model_type':<14} {'plugin':<14} {'distribution'}")
-    for info in infos:
-        dist = f"{info.distribution} {info.version}" if info.distribution else "(registered by hand)"
-        print(f"{info.name:<12} {', '.join(info.model_types):<14} {info.plugin:<14} {dist}")
+    if args.all:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        rows = [support_for(t) for t in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)]
+        print(f"{'model_type':<28} {'status':<9} {'adapter':<18} detail")
+        for row in rows:
+            print(f"{row.model_type:<28} {row.status:<9} {row.adapter or '-':<18} {row.detail}")
+        counts = {status: sum(r.status == status for r in rows) for status in ("accepted", "refused", "unknown")}
+        print(f"{len(rows)} causal-LM model types in this transformers: "
+              + ", ".join(f"{n} {status}" for status, n in counts.items()))
+    else:
+        infos = kvl.available_adapters()
+        print(f"{'adapter':<18} {'types':>5}  {'plugin':<18} {'distribution':<24} model types")
+        for info in infos:
+            dist = f"{info.distribution} {info.version}" if info.distribution else "(registered by hand)"
+            print(f"{info.name:<18} {len(info.model_types):>5}  {info.plugin:<18} {dist:<24} {', '.join(info.model_types)}")
+        print(f"{len(infos)} adapters serving {sum(len(i.model_types) for i in infos)} model types; "
+              "`kvpress-lite adapters --all` lists every causal-LM type of the installed transformers")
     for problem in get_registry().problems:
         print(f"warning: {problem}", file=sys.stderr)
     return 0
@@ -84,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     adapters = sub.add_parser("adapters", help="list the adapters found and the plugins that provide them")
+    adapters.add_argument("--all", action="store_true",
+                          help="every causal-LM model type of the installed transformers: accepted, refused (why) or unknown")
     adapters.set_defaults(func=_adapters)
 
     demo = sub.add_parser("demo", help="stream a random-weight model and print cache size and memory as it goes")

@@ -180,6 +180,34 @@ def available_adapters() -> list[AdapterInfo]:
     return sorted(get_registry().adapters().values(), key=lambda a: a.name)
 
 
+@dataclass(frozen=True)
+class Support:
+    """What the installed plugins say about one ``model_type``: ``status`` is ``"accepted"``
+    (an adapter serves it), ``"refused"`` (a plugin declared why not) or ``"unknown"`` (no
+    plugin knows it: apply_press refuses it too)."""
+
+    model_type: str
+    status: str
+    adapter: Optional[str]
+    detail: str
+
+
+def support_for(model_type: str) -> Support:
+    """Whether the installed adapters serve ``model_type``, and which one or why not.
+
+    >>> support_for("llama").status  # doctest: +SKIP
+    'accepted'
+    """
+    registry = get_registry()
+    for info in registry.adapters().values():
+        if model_type in info.model_types:
+            return Support(model_type, "accepted", info.name, info.adapter.description or info.plugin)
+    refusal = registry.refusals().get(model_type)
+    if refusal is not None:
+        return Support(model_type, "refused", None, refusal[0])
+    return Support(model_type, "unknown", None, "no adapter recognises this model type")
+
+
 def find_adapter(model: nn.Module, name: str | None = None) -> Adapter:
     """The adapter serving ``model`` (or the one called ``name``); raises :class:`UnsupportedModelError`."""
     return get_registry().find(model, name)

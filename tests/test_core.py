@@ -106,3 +106,30 @@ def test_rope_rotate_rejects_inconsistent_dims():
         rope_rotate(torch.zeros(1, 1, 1, 8), 1, torch.ones(3))
     with pytest.raises(ValueError, match="rotary_dims must be even"):
         rope_rotate(torch.zeros(1, 1, 1, 8), 1, torch.ones(2), rotary_dims=5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 6), st.integers(1, 12), st.integers(0, 60))
+def test_the_ring_keeps_exactly_the_sink_window_set(n_sink, window, steps):
+    """Driving a full cache token by token through ring_slot (what the press runs on single-token
+    steps) holds, in some physical order, the same stream positions as sink_window_indices."""
+    from kvpress_lite.core import ring_slot
+
+    capacity = n_sink + window
+    slots = list(range(capacity))  # slot -> stream position it holds; the cache starts full
+    next_slot = n_sink
+    for t in range(capacity, capacity + steps):
+        slot, next_slot = ring_slot(next_slot, n_sink, capacity)
+        slots[slot] = t
+    seen = capacity + steps
+    assert sorted(slots) == sink_window_indices(seen, n_sink, capacity).tolist()
+
+
+def test_padded_rows_keep_their_own_first_real_tokens_as_sinks():
+    from kvpress_lite.core import padded_sink_window_indices
+
+    valid = torch.tensor([[False, False, False, True, True, True, True, True],
+                          [True, True, True, True, True, True, True, True]])
+    kept = padded_sink_window_indices(valid, n_sink=2, capacity=5).tolist()
+    # row 0: real tokens start at 3, so sinks 3, 4 and the newest three of the rest
+    assert kept == [[3, 4, 5, 6, 7], [0, 1, 5, 6, 7]]
