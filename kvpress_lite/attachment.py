@@ -46,38 +46,60 @@ logger = logging.getLogger(__name__)
 class LayerPlan:
     """How the press treats each attention layer of a model, decided at ``apply_press``."""
 
-    pressed: tuple[int, ...]  # layer indices of full layers: sinks + window
-    sliding: tuple[int, ...]  # layer indices of sliding-window layers: left to transformers
+    pressed: tuple[int, ...]  # layer indices the press trims to sinks + window
+    sliding_pressed: tuple[int, ...]  # of those, the sliding-window layers wider than the capacity
+    sliding: tuple[int, ...]  # sliding-window layers narrower than the press window: left to transformers
     reference: int  # the pressed layer whose length the stream tracks
+    max_call: Optional[int] = None  # most new tokens one call may add to a full cache (pressed sliding layers)
 
 
-def plan_layers(model: nn.Module, layer_indices: list[int], capacity: Optional[int]) -> LayerPlan:
+def plan_layers(model: nn.Module, layer_indices: list[int], n_sink: int, capacity: Optional[int]) -> LayerPlan:
     """Read each attention layer's cache kind off the cache the model would build, and refuse
-    (naming the config field) what the press cannot honour, before anything runs."""
+    (naming the config field) what the press cannot honour, before anything runs.
+
+    The press's semantics is a dense forward over the kept tokens at positions 0..L-1. A
+    sliding-window layer of ``w`` keeps its last ``w - 1`` entries. When that is more than the
+    capacity, the layer would see every kept entry: the press trims it like a full layer (and
+    a call may add at most ``w - 1 - capacity`` tokens to a full cache, so the layer never
+    drops an entry on its own before the press has trimmed it).
+    When it fits inside the press's window (``w - 1 <= capacity - n_sink``) it sees only
+    recent tokens, exactly what it keeps on its own: it is left alone. In between, it
+    would see some sinks and not others: refused.
+    """
     probe = cache_access.new_dynamic_cache(model)
     layers = getattr(cache_access.self_attention_cache(probe), "layers", None) or []
-    pressed, sliding = [], []
+    pressed, sliding, sliding_pressed = [], [], []
+    room: Optional[int] = None  # pressed sliding layers drop entries past `keeps` on their own
     for idx in layer_indices:
         layer = layers[idx] if idx < len(layers) else None
         kind = cache_access.FULL if layer is None else cache_access.layer_kind(layer)
-        if kind == cache_access.SLIDING:
-            window = int(getattr(layer, "sliding_window"))
-            if capacity is not None and window - 1 > capacity:
+        if kind == cache_access.SLIDING and capacity is not None:
+            keeps = int(getattr(layer, "sliding_window")) - 1
+            if keeps <= capacity - n_sink:
+                sliding.append(idx)
+                continue
+            if keeps <= capacity:
                 raise UnsupportedModelError(
-                    f"{type(model).__name__} has sliding-window attention layers (config.sliding_window={window}) "
-                    f"that keep their last {window - 1} entries, more than capacity={capacity}. Use "
-                    f"capacity >= {window - 1}, or, if the model works with full attention, set "
-                    "config.sliding_window = None (and config.use_sliding_window = False) before loading it."
+                    f"{type(model).__name__} has sliding-window attention layers (config.sliding_window="
+                    f"{keeps + 1}) that keep {keeps} entries: more than the press's window (capacity - n_sink = "
+                    f"{capacity - n_sink}) but not more than its capacity ({capacity}), so they would see some sinks "
+                    f"and not others. Use capacity <= {keeps - 1} (the press then trims these layers too) or "
+                    f"capacity >= {keeps + n_sink} (they keep their own window)."
                 )
-            sliding.append(idx)
-        else:
-            pressed.append(idx)
+            room = keeps - capacity if room is None else min(room, keeps - capacity)
+            sliding_pressed.append(idx)
+        elif kind == cache_access.SLIDING:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has sliding-window attention layers (config.sliding_window); the press "
+                "needs a fixed capacity to decide how to treat them: pass capacity=..., not compression_ratio"
+            )
+        pressed.append(idx)
     if not pressed:
         raise UnsupportedModelError(
-            f"{type(model).__name__}: every attention layer keeps its own sliding window, there is nothing for the "
-            "press to bound; run the model without a press"
+            f"{type(model).__name__}: every attention layer keeps its own sliding window, narrower than the press's "
+            "window; there is nothing for the press to bound. Run the model without a press."
         )
-    return LayerPlan(tuple(pressed), tuple(sliding), pressed[0])
+    return LayerPlan(tuple(pressed), tuple(sliding_pressed), tuple(sliding), pressed[0], room)
 
 
 class Attachment:
@@ -91,7 +113,7 @@ class Attachment:
         self.scheme.check(model, capacity=press.capacity, position_shift=press.position_shift)
         attentions = adapter.attention_modules(model)
         indices = [_layer_index(attention, i) for i, attention in enumerate(attentions)]
-        self.layers = plan_layers(model, indices, press.capacity)
+        self.layers = plan_layers(model, indices, press.n_sink, press.capacity)
         self.base_kwargs = set(inspect.signature(self.base.forward).parameters)
         self.n_layers = len(attentions)
         self.streams: "weakref.WeakKeyDictionary[Any, Stream]" = weakref.WeakKeyDictionary()
@@ -101,11 +123,9 @@ class Attachment:
         try:
             self.handles.append(self.base.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self.handles.append(self.base.register_forward_hook(self._post_hook, with_kwargs=True))
-            pressed = set(self.layers.pressed)
             for attention, idx in zip(attentions, indices):
-                if idx in pressed:
-                    hook = self._attention_hook(idx, adapter.cache_kwarg(attention))
-                    self.handles.append(attention.register_forward_hook(hook, with_kwargs=True))
+                hook = self._attention_hook(idx, adapter.cache_kwarg(attention))
+                self.handles.append(attention.register_forward_hook(hook, with_kwargs=True))
         except Exception:
             self.detach()
             raise
@@ -147,6 +167,8 @@ class Attachment:
         new_valid = self._new_token_mask(kwargs.get("attention_mask"), stream, q)
 
         chunk = self.press.prefill_chunk_size or stream.window
+        if self.layers.max_call is not None:
+            chunk = min(chunk, self.layers.max_call)
         if stream.stored + q > stream.capacity and q > chunk and self.chunked is None:
             chunked = ChunkedPrefill(kwargs, q, chunk)
             last = chunked.run_prefix(module)
@@ -188,7 +210,17 @@ class Attachment:
             if plan is None or cache is None:
                 return None
             layer = cache_access.cache_layers(cache)[layer_idx]
-            apply_plan(plan, layer, layer_idx, self.scheme, self.press.position_shift)
+            left_alone = layer_idx in self.layers.sliding
+            if (cache_access.layer_kind(layer) == cache_access.SLIDING) != (left_alone or layer_idx in self.layers.sliding_pressed):
+                plan.stream.broken = True
+                raise UnsupportedGenerationError(
+                    f"cache layer {layer_idx} is a {cache_access.layer_kind(layer)} layer, but the model's config "
+                    "(config.layer_types / sliding_window) says otherwise: the cache was built without the model's "
+                    "config. Pass DynamicCache(config=model.config), or no cache and let the model make one."
+                )
+            if not left_alone:
+                apply_plan(plan, layer, layer_idx, self.scheme, self.press.position_shift)
+                cache_access.follow_trim(layer)
             return None
 
         return hook

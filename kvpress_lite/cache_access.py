@@ -57,6 +57,13 @@ def layer_kind(layer: Any) -> str:
     )
 
 
+def follow_trim(layer: Any) -> None:
+    """Tell a layer that counts the tokens it has seen (a sliding-window layer sizes its mask
+    from ``cumulative_length``) how many entries it holds after the press trimmed it."""
+    if hasattr(layer, "cumulative_length"):
+        layer.cumulative_length = layer_length(layer)
+
+
 def layer_length(layer: Any) -> int:
     keys = getattr(layer, "keys", None)
     if keys is None or keys.numel() == 0:

@@ -99,14 +99,6 @@ def test_register_rejects_other_objects(plugin_registry):
         plugin_registry.adapters()
 
 
-def test_sliding_window_wider_than_the_capacity_is_refused_at_apply_press():
-    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=0)
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    with pytest.raises(kvl.UnsupportedModelError, match=r"config.sliding_window=64.*capacity >= 63"):
-        kvl.apply_press(model, capacity=32, adapter="llama")
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
-
-
 def test_dynamic_rope_is_refused_at_apply_press_only_with_the_shift():
     model = tiny_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(kvl.UnsupportedModelError, match="'dynamic'.*position_shift=False"):
