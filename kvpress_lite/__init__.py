@@ -60,8 +60,6 @@ def apply_press(
     >>> with apply_press(model, n_sink=4, capacity=256):         # doctest: +SKIP
     ...     model.generate(input_ids, max_new_tokens=1000)
     """
-    if capacity is None and compression_ratio is None:
-        capacity = 256
     press = StreamingLLMPress(
         n_sink=n_sink,
         capacity=capacity,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
@@ -109,8 +110,19 @@ class Attachment:
     def __init__(self, press: "StreamingLLMPress", model: nn.Module, adapter: Adapter) -> None:
         self.press, self.model, self.adapter = press, model, adapter
         self.base = base_model(model)
-        self.scheme: PositionScheme = adapter.positions(model)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        try:
+            self.scheme: PositionScheme = adapter.positions(model)
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise UnsupportedModelError(
+                f"adapter {adapter.name!r} (for {', '.join(adapter.model_types)}) does not fit "
+                f"{type(model).__name__} (model_type={model_type!r}): reading its positions failed with {exc!r}. "
+                "Let the registry choose the adapter (no adapter=...), or pick one made for this family."
+            ) from exc
         self.scheme.check(model, capacity=press.capacity, position_shift=press.position_shift)
+        if not adapter.matches(model):
+            logger.warning("kvpress-lite: adapter %r is forced on %s (model_type=%r), which it was not written for",
+                           adapter.name, type(model).__name__, model_type)
         attentions = adapter.attention_modules(model)
         indices = [_layer_index(attention, i) for i, attention in enumerate(attentions)]
         self.layers = plan_layers(model, indices, press.n_sink, press.capacity)
@@ -118,14 +130,15 @@ class Attachment:
         self.n_layers = len(attentions)
         self.streams: "weakref.WeakKeyDictionary[Any, Stream]" = weakref.WeakKeyDictionary()
         self.call: Optional[CallPlan] = None
+        self.owner: Optional[int] = None  # the thread whose call is in flight
         self.chunked: Optional[ChunkedPrefill] = None
         self.handles: list = []
         try:
-            self.handles.append(self.base.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-            self.handles.append(self.base.register_forward_hook(self._post_hook, with_kwargs=True))
+            self.handles.append(self.base.register_forward_pre_hook(_Hook(self._pre_hook), with_kwargs=True))
+            self.handles.append(self.base.register_forward_hook(_Hook(self._post_hook), with_kwargs=True))
             for attention, idx in zip(attentions, indices):
                 hook = self._attention_hook(idx, adapter.cache_kwarg(attention))
-                self.handles.append(attention.register_forward_hook(hook, with_kwargs=True))
+                self.handles.append(attention.register_forward_hook(_Hook(hook), with_kwargs=True))
         except Exception:
             self.detach()
             raise
@@ -139,6 +152,12 @@ class Attachment:
 
     # -- hooks -----------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.call is not None and self.owner != threading.get_ident() and self.chunked is None:
+            raise UnsupportedGenerationError(
+                "this pressed model is already running a call in another thread. A press follows one call at a time "
+                "(it plans each call's trim before the layers run); give each thread its own model copy "
+                "(copy.deepcopy(model), then apply a press to the copy) or serialise the calls with a lock."
+            )
         if self.call is not None:  # the previous call raised before finishing: its cache is inconsistent
             self.call.stream.broken = True
             self.call = self.chunked = None
@@ -155,8 +174,12 @@ class Attachment:
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", True)
-        if cache is None and not use_cache:
-            return None  # no cache, nothing to press
+        if not use_cache:
+            raise UnsupportedGenerationError(
+                "use_cache=False under a press: without a cache there is nothing to press, and this call would attend "
+                "densely to all of its tokens (and run past a learned position table). Pass use_cache=True (the "
+                "default) to stream, or press.remove() to run the model densely."
+            )
         batch, q = tokens.shape[0], tokens.shape[1]
         if cache is None:
             cache = cache_access.new_dynamic_cache(module)
@@ -200,7 +223,7 @@ class Attachment:
             kwargs["attention_mask"] = mask.to(device=tokens.device, dtype=torch.long)
         elif kwargs.get("attention_mask") is not None and kwargs["attention_mask"].dim() == 2:
             kwargs["attention_mask"] = None  # all ones, and sized for the uncompressed stream
-        self.call = plan
+        self.call, self.owner = plan, threading.get_ident()
         return (), kwargs
 
     def _attention_hook(self, layer_idx: int, cache_kwarg: str):
@@ -318,6 +341,11 @@ class Attachment:
                 "pass a 2D padding mask (batch, tokens) or none"
             )
         new = mask[:, -q:].bool().cpu()
+        if not bool(new[:, -1].all()):
+            raise UnsupportedGenerationError(
+                "the attention_mask pads some rows on the right (their last token is padding). The press streams "
+                "left-padded batches only: set tokenizer.padding_side = 'left'."
+            )
         if not stream.padded:
             if not bool(new.all()):
                 raise UnsupportedGenerationError(
@@ -325,6 +353,31 @@ class Attachment:
                 )
             return None
         return new
+
+
+def _inert(*args: Any) -> None:
+    """What a press hook becomes in a copy of the model: nothing."""
+    return None
+
+
+class _Hook:
+    """A press hook as registered on a module. A copy of the model (``copy.deepcopy``,
+    ``pickle``) gets an inert hook in its place: the copy is a cleanly unpressed model (apply
+    a press to it if it should stream too), never a half-pressed one sharing this press's
+    streams."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __reduce__(self):
+        return (_inert_hook, ())
+
+
+def _inert_hook() -> Any:
+    return _inert
 
 
 def _layer_index(attention: nn.Module, position: int) -> int:

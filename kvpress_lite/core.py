@@ -19,10 +19,12 @@ Example
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
 __all__ = [
+    "as_int",
     "validate_budget",
     "sink_window_indices",
     "padded_sink_window_indices",
@@ -35,15 +37,27 @@ __all__ = [
 ]
 
 
+def as_int(name: str, value: object) -> int:
+    """``value`` as a Python int if it is an integer of any kind (numpy and torch scalars
+    included, bools excluded); otherwise a ``ValueError`` naming the argument.
+
+    >>> as_int("capacity", 256)
+    256
+    """
+    if not isinstance(value, bool) and not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(f"{name} must be an integer, got {type(value).__name__} ({value!r})")
+
+
 def validate_budget(n_sink: int, capacity: int) -> None:
     """Raise ``ValueError`` unless ``0 <= n_sink < capacity`` (both integers).
 
     >>> validate_budget(4, 256)
     """
-    if isinstance(n_sink, bool) or not isinstance(n_sink, int):
-        raise ValueError(f"n_sink must be an int, got {type(n_sink).__name__} ({n_sink!r})")
-    if isinstance(capacity, bool) or not isinstance(capacity, int):
-        raise ValueError(f"capacity must be an int, got {type(capacity).__name__} ({capacity!r})")
+    n_sink, capacity = as_int("n_sink", n_sink), as_int("capacity", capacity)
     if n_sink < 0:
         raise ValueError(f"n_sink must be >= 0 (the number of first tokens kept as attention sinks), got {n_sink}")
     if capacity <= n_sink:

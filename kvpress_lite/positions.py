@@ -219,17 +219,18 @@ SchemeFactory = Callable[[nn.Module], PositionScheme]
 
 
 def rope_type(config: Any) -> str:
-    """The RoPE variant named by a config, across transformers' two spellings."""
+    """The RoPE variant named by a config, across transformers' spellings. Where parameters
+    are given per layer type (5.x: ``{"full_attention": {...}, "sliding_attention": {...}}``)
+    the first variant that cannot be shifted wins, so a check sees it."""
     for attr in ("rope_parameters", "rope_scaling"):
         params = getattr(config, attr, None)
-        if isinstance(params, dict):
-            # 5.x may nest per-layer-type parameters: {"full_attention": {...}, ...}
-            if "rope_type" not in params and "type" not in params and params:
-                inner = next(iter(params.values()))
-                params = inner if isinstance(inner, dict) else params
-            kind = params.get("rope_type", params.get("type"))
-            if kind:
-                return str(kind)
+        if not isinstance(params, dict):
+            continue
+        nested = [p for p in params.values() if isinstance(p, dict)]
+        kinds = [str(p.get("rope_type", p.get("type", "default"))) for p in (nested or [params])]
+        kinds = [k for k in kinds if k]
+        if kinds:
+            return next((k for k in kinds if k not in SHIFTABLE_ROPE_TYPES), kinds[0])
     return "default"
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -15,10 +16,22 @@ from torch import nn
 
 from .adapter import Adapter, base_model
 from .attachment import Attachment
-from .core import validate_budget
+from .core import as_int, validate_budget
 from .errors import PressAlreadyAppliedError
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_CAPACITY = 256  # entries per layer when neither capacity nor compression_ratio is given
+
+
+def np_bool_types() -> tuple:
+    """numpy's bool type where numpy is installed (a ``np.bool_`` is a fine position_shift)."""
+    try:
+        import numpy
+
+        return (numpy.bool_,)
+    except ImportError:  # pragma: no cover
+        return ()
 
 # base model -> the press hooked on it; guards against two presses on one model
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, StreamingLLMPress]" = weakref.WeakKeyDictionary()
@@ -56,7 +69,8 @@ class StreamingLLMPress:
     n_sink:
         Number of first tokens kept for the whole stream (the attention sinks).
     capacity:
-        Entries kept per layer. Exactly one of ``capacity`` and ``compression_ratio``.
+        Entries kept per layer (default 256 when ``compression_ratio`` is not given either).
+        At most one of ``capacity`` and ``compression_ratio``.
     compression_ratio:
         In (0, 1): the capacity is set per stream from its first input (the prompt) to keep
         ``1 - compression_ratio`` of it.
@@ -85,23 +99,34 @@ class StreamingLLMPress:
     prefill_chunk_size: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if (self.capacity is None) == (self.compression_ratio is None):
+        if self.capacity is not None and self.compression_ratio is not None:
             raise ValueError(
-                "give exactly one of capacity (entries kept per layer, e.g. capacity=256) or compression_ratio "
-                f"(fraction of the prompt to drop, e.g. 0.7); got capacity={self.capacity}, "
+                "give one of capacity (entries kept per layer, e.g. capacity=256) or compression_ratio (fraction of "
+                f"the prompt to drop, e.g. 0.7), not both; got capacity={self.capacity}, "
                 f"compression_ratio={self.compression_ratio}"
             )
+        if self.capacity is None and self.compression_ratio is None:
+            self.capacity = DEFAULT_CAPACITY
+        self.n_sink = as_int("n_sink", self.n_sink)
         if self.capacity is not None:
+            self.capacity = as_int("capacity", self.capacity)
             validate_budget(self.n_sink, self.capacity)
         else:
             validate_budget(self.n_sink, self.n_sink + 1)
             ratio = self.compression_ratio
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio < 1:
                 raise ValueError(f"compression_ratio must be a number strictly between 0 and 1, got {ratio!r}")
-        if self.prefill_chunk_size is not None and (
-            not isinstance(self.prefill_chunk_size, int) or self.prefill_chunk_size < 1
-        ):
-            raise ValueError(f"prefill_chunk_size must be a positive int, got {self.prefill_chunk_size!r}")
+            self.compression_ratio = float(ratio)
+        if not isinstance(self.position_shift, (bool, np_bool_types())):
+            raise ValueError(
+                f"position_shift must be True or False, got {type(self.position_shift).__name__} "
+                f"({self.position_shift!r})"
+            )
+        self.position_shift = bool(self.position_shift)
+        if self.prefill_chunk_size is not None:
+            self.prefill_chunk_size = as_int("prefill_chunk_size", self.prefill_chunk_size)
+            if self.prefill_chunk_size < 1:
+                raise ValueError(f"prefill_chunk_size must be a positive int, got {self.prefill_chunk_size!r}")
         self.stats = PressStats(capacity=self.capacity)
         self._attachment: Optional[Attachment] = None
 

@@ -64,7 +64,14 @@ class Registry:
     def load_entry_points(self) -> None:
         wanted = os.environ.get(PLUGINS_ENV)
         allowed = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
-        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        points = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+        unknown = sorted(allowed - {ep.name for ep in points}) if allowed is not None else []
+        if unknown:
+            self._report(
+                f"{PLUGINS_ENV} names plugins that are not installed: {', '.join(unknown)}; installed: "
+                f"{', '.join(ep.name for ep in points) or 'none'}. Only the installed ones named there are loaded."
+            )
+        for ep in points:
             if allowed is not None and ep.name not in allowed:
                 continue
             if self.manager.has_plugin(ep.name):

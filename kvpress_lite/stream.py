@@ -176,11 +176,14 @@ def apply_plan(plan: CallPlan, layer, layer_idx: int, scheme: PositionScheme, po
     if plan.kind == "none":
         state.keys_ref = keys
         return
+    tracked = torch.is_grad_enabled()  # a caller outside torch.no_grad(): store no views autograd could trip on
     with torch.no_grad():
         if plan.kind == "ring":  # the new token takes the oldest window slot: no copy of the cache
             keys.select(-2, plan.slot).copy_(keys.select(-2, capacity))
             values.select(-2, plan.slot).copy_(values.select(-2, capacity))
             keys, values = keys.narrow(-2, 0, capacity), values.narrow(-2, 0, capacity)
+            if tracked:
+                keys, values = keys.clone(), values.clone()
         else:
             keys, values = _gather(keys, plan.index), _gather(values, plan.index)
         if position_shift:

@@ -14,8 +14,10 @@ from tiny_models import tiny_model
     [
         (dict(n_sink=-1, capacity=8), "n_sink must be >= 0"),
         (dict(n_sink=4, capacity=4), "capacity must be greater than n_sink"),
-        (dict(n_sink=4, capacity=256, compression_ratio=0.5), "exactly one of capacity .* or compression_ratio"),
-        (dict(n_sink=4), "exactly one of capacity"),
+        (dict(n_sink=4, capacity=256, compression_ratio=0.5), "one of capacity .* or compression_ratio .*not both"),
+        (dict(n_sink=4.5, capacity=256), "n_sink must be an integer, got float"),
+        (dict(n_sink=4, capacity="256"), "capacity must be an integer, got str"),
+        (dict(n_sink=4, capacity=256, position_shift="no"), "position_shift must be True or False, got str"),
         (dict(n_sink=4, compression_ratio=0.0), "strictly between 0 and 1"),
         (dict(n_sink=4, compression_ratio=1.0), "strictly between 0 and 1"),
         (dict(n_sink=4, compression_ratio=1.5), "strictly between 0 and 1"),

@@ -1,0 +1,154 @@
+"""What a user meets when holding the press in an unexpected way: each case was silently
+wrong or failed with an error that never named the press (issue 8); now each one either
+works exactly or is refused with what to do."""
+
+import copy
+import pickle
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvpress_lite as kvl
+from kvpress_lite import registry
+from helpers import cache_kwarg, loop_logits
+from tiny_models import tiny_model
+
+N_SINK, CAPACITY = 4, 16
+
+
+def ids_of(length, seed=0):
+    return torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_numpy_integers_are_integers():
+    model = tiny_model("llama")
+    ids = ids_of(40)
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
+        want = loop_logits(model, ids, 5)
+    with kvl.apply_press(model, n_sink=np.int64(N_SINK), capacity=np.int32(CAPACITY)) as press:
+        got = loop_logits(model, ids, 5)
+        assert type(press.capacity) is int and press.stats.cache_length == [CAPACITY, CAPACITY]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_the_press_alone_defaults_to_the_same_capacity_as_apply_press():
+    assert kvl.StreamingLLMPress(n_sink=4).capacity == 256
+
+
+def test_forcing_an_adapter_of_another_family_says_it_does_not_fit():
+    with pytest.raises(kvl.UnsupportedModelError, match=r"adapter 'gpt2' .* does not fit LlamaForCausalLM"):
+        kvl.apply_press(tiny_model("llama"), adapter="gpt2")
+
+
+def test_an_unknown_plugin_name_in_the_environment_is_reported(monkeypatch):
+    monkeypatch.setenv("KVPRESS_LITE_PLUGINS", "llama,lama2")
+    try:
+        with pytest.warns(RuntimeWarning, match=r"not installed: lama2; installed: .*llama"):
+            reg = registry.get_registry(reload=True)
+        assert "llama" in reg.adapters()
+    finally:
+        monkeypatch.delenv("KVPRESS_LITE_PLUGINS")
+        registry.get_registry(reload=True)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_pressed_model_is_a_cleanly_unpressed_model(how):
+    model = tiny_model("llama")
+    ids = ids_of(50, 1)
+    dense = loop_logits(model, ids, 5)
+    press = kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY)
+    pressed = loop_logits(model, ids, 5)
+    twin = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(loop_logits(twin, ids, 5), dense, atol=0, rtol=0)  # the copy does not stream
+    causal = torch.full((1, 1, 8, 8), float("-inf")).triu(1)  # and nothing of the press intercepts its calls
+    with torch.no_grad():
+        masked = twin(input_ids=ids[:, :8], attention_mask=causal).logits[0]
+    torch.testing.assert_close(masked, dense[:8], atol=1e-5, rtol=0)
+    with kvl.apply_press(twin, n_sink=N_SINK, capacity=CAPACITY) as second:  # and can be pressed on its own
+        torch.testing.assert_close(loop_logits(twin, ids, 5), pressed, atol=0, rtol=0)
+        assert second.stats.streams == 1
+    assert press.stats.streams == 1  # the original press never saw the copy's calls
+    press.remove()
+
+
+def test_a_second_thread_on_a_model_mid_call_is_refused_and_the_first_call_stays_exact():
+    model = tiny_model("llama")
+    ids = ids_of(30, 2)
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
+        want = model(input_ids=ids, use_cache=True).logits
+    inside, release, result = threading.Event(), threading.Event(), {}
+
+    def pause(module, args):  # holds the first thread's call in flight, inside layer 0
+        if threading.current_thread().name == "first":
+            inside.set()
+            release.wait(10)
+
+    handle = model.model.layers[0].self_attn.register_forward_pre_hook(pause)
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
+        worker = threading.Thread(name="first", target=lambda: result.update(
+            logits=model(input_ids=ids, use_cache=True).logits))
+        worker.start()
+        assert inside.wait(10)
+        with pytest.raises(kvl.UnsupportedGenerationError, match="another thread.*copy.deepcopy"):
+            model(input_ids=ids[:, :5], use_cache=True)
+        release.set()
+        worker.join(10)
+    handle.remove()
+    torch.testing.assert_close(result["logits"], want, atol=0, rtol=0)
+
+
+def test_a_loop_without_no_grad_streams_exactly():
+    model = tiny_model("llama")
+    ids = ids_of(60, 3)
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
+        want = loop_logits(model, ids, 5)  # under torch.no_grad()
+        cache, name, logits = DynamicCache(), cache_kwarg(model), []
+        out = model(input_ids=ids[:, :5], use_cache=True, **{name: cache})  # grad mode, as a user writes it
+        logits.append(out.logits[0])
+        for t in range(5, 59):
+            logits.append(model(input_ids=ids[:, t : t + 1], use_cache=True, **{name: cache}).logits[0])
+    assert not cache.layers[0].keys.requires_grad  # no autograd graph chained through an endless stream
+    torch.testing.assert_close(torch.cat(logits).detach(), want, atol=0, rtol=0)
+
+
+def test_right_padding_is_refused_with_the_tokenizer_setting_to_change():
+    model = tiny_model("llama")
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
+        with pytest.raises(kvl.UnsupportedGenerationError, match="padding_side = 'left'"):
+            model(input_ids=torch.randint(0, 128, (2, 5)), attention_mask=mask, use_cache=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_use_cache_false_is_refused_not_silently_dense(family):
+    model = tiny_model(family)
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
+        with pytest.raises(kvl.UnsupportedGenerationError, match="use_cache=False under a press"):
+            model(input_ids=ids_of(20), use_cache=False)
+
+
+def test_an_interrupted_chunked_prefill_leaves_no_state_behind():
+    model = tiny_model("llama")
+    ids = ids_of(60, 4)
+    calls = []
+
+    def interrupt_last_chunk(module, args, kwargs):
+        calls.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+        if len(calls) == 5:  # 60 tokens in chunks of 12: the fifth chunk is the last
+            raise KeyboardInterrupt
+
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY) as press:
+        fresh = model(input_ids=ids[:, :5], use_cache=True).logits
+        handle = model.model.layers[1].register_forward_pre_hook(interrupt_last_chunk, with_kwargs=True)
+        with pytest.raises(KeyboardInterrupt):
+            model(input_ids=ids, use_cache=True)
+        handle.remove()
+        assert calls == [12, 12, 12, 12, 12]
+        after = model(input_ids=ids[:, :5], use_cache=True)  # a new stream: nothing of the old call in it
+        assert after.logits.shape[1] == 5
+        torch.testing.assert_close(after.logits, fresh, atol=0, rtol=0)
+        assert press.stats.cache_length == [5, 5]
