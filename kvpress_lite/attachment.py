@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -33,6 +32,7 @@ from torch import nn
 from . import cache_access
 from .adapter import Adapter, base_model
 from .chunking import ChunkedPrefill
+from .conversation import record_tokens, settings_of, skip_seen_tokens
 from .errors import UnsupportedGenerationError, UnsupportedModelError
 from .positions import PositionScheme
 from .stream import CallPlan, Stream, apply_plan, commit_plan, plan_call, rebase, stream_positions
@@ -128,7 +128,7 @@ class Attachment:
         self.layers = plan_layers(model, indices, press.n_sink, press.capacity)
         self.base_kwargs = set(inspect.signature(self.base.forward).parameters)
         self.n_layers = len(attentions)
-        self.streams: "weakref.WeakKeyDictionary[Any, Stream]" = weakref.WeakKeyDictionary()
+        self.settings = settings_of(press, adapter.name, self.scheme.description)
         self.call: Optional[CallPlan] = None
         self.owner: Optional[int] = None  # the thread whose call is in flight
         self.chunked: Optional[ChunkedPrefill] = None
@@ -148,7 +148,6 @@ class Attachment:
             handle.remove()
         self.handles.clear()
         self.call = self.chunked = None
-        self.streams = weakref.WeakKeyDictionary()
 
     # -- hooks -----------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -187,6 +186,9 @@ class Attachment:
             kwargs[cache_name] = cache
         kwargs.pop("past_key_values" if cache_name == "cache" else "cache", None)
         stream = self._stream_for(cache, batch, q, kwargs.get("attention_mask"))
+        skip_seen_tokens(kwargs, stream)  # generate() given the whole conversation: only the new part goes in
+        tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        q = tokens.shape[1]
         new_valid = self._new_token_mask(kwargs.get("attention_mask"), stream, q)
 
         chunk = self.press.prefill_chunk_size or stream.window
@@ -205,7 +207,6 @@ class Attachment:
                 f"position_shift=False keeps absolute positions, and this stream reaches position "
                 f"{stream.longest_row + q - 1}, past the {limit} learned positions of the model. Use position_shift=True."
             )
-        _check_not_rewound(kwargs, stream)
         if press.position_shift:
             layers = cache_access.cache_layers(kwargs[cache_name])
             attention_layers = {i: layers[i] for i in self.layers.pressed + self.layers.sliding if i < len(layers)}
@@ -223,6 +224,7 @@ class Attachment:
             kwargs["attention_mask"] = mask.to(device=tokens.device, dtype=torch.long)
         elif kwargs.get("attention_mask") is not None and kwargs["attention_mask"].dim() == 2:
             kwargs["attention_mask"] = None  # all ones, and sized for the uncompressed stream
+        record_tokens(stream, kwargs.get("input_ids"))
         self.call, self.owner = plan, threading.get_ident()
         return (), kwargs
 
@@ -266,13 +268,19 @@ class Attachment:
 
     # -- helpers -----------------------------------------------------------------------
     def _stream_for(self, cache: Any, batch: int, q: int, attention_mask: Optional[torch.Tensor]) -> Stream:
-        key = cache_access.self_attention_cache(cache)
-        stream = self.streams.get(key)
+        stream = cache_access.stream_of(cache)
         layers = cache_access.cache_layers(cache)
         for idx in self.layers.pressed + self.layers.sliding:
             if idx < len(layers):
                 cache_access.layer_kind(layers[idx])
         if stream is not None:
+            if stream.settings != self.settings:
+                raise UnsupportedGenerationError(
+                    "this cache was compacted under a press with other settings or another model family "
+                    f"({_describe(stream.settings)}; this press: {_describe(self.settings)}), so the positions of its "
+                    "entries cannot be recovered. Continue it under a press with the same settings (one press for the "
+                    "whole conversation is simplest), or start a new cache."
+                )
             if stream.broken:
                 raise UnsupportedGenerationError(
                     "an earlier call on this cache failed part-way, so its layers disagree; start a new cache"
@@ -298,7 +306,7 @@ class Attachment:
                 f"this cache already holds {existing} entries (more than capacity={capacity}) that were not produced "
                 "under this press; start from an empty cache after applying the press"
             )
-        stream = Stream(self.press.n_sink, capacity, batch)
+        stream = Stream(self.press.n_sink, capacity, batch, settings=self.settings)
         stream.stored = stream.real_seen = existing
         mask = attention_mask
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
@@ -312,7 +320,7 @@ class Attachment:
             stream.start_padding(torch.zeros(batch, 0, dtype=torch.bool))
         else:
             stream.sinks_fixed = True
-        self.streams[key] = stream
+        cache_access.attach_stream(cache, stream)
         self.press.stats.streams += 1
         logger.debug("kvpress-lite: new stream (batch=%d, capacity=%d, padded=%s)", batch, capacity, stream.padded)
         return stream
@@ -355,6 +363,12 @@ class Attachment:
         return new
 
 
+def _describe(settings: tuple) -> str:
+    n_sink, capacity, ratio, shift, adapter, scheme = settings
+    budget = f"capacity={capacity}" if capacity is not None else f"compression_ratio={ratio}"
+    return f"n_sink={n_sink}, {budget}, position_shift={shift}, adapter {adapter!r}"
+
+
 def _inert(*args: Any) -> None:
     """What a press hook becomes in a copy of the model: nothing."""
     return None
@@ -395,25 +409,3 @@ def _find_cache(kwargs: dict) -> tuple[Optional[str], Any]:
                 )
             return name, cache
     return None, None
-
-
-def _check_not_rewound(kwargs: dict, stream: Stream) -> None:
-    """generate() hands absolute positions; if they start before the tokens the stream already
-    took in, generation went back (assisted/speculative decoding rejected tokens and cropped
-    the cache) and the compacted cache cannot follow."""
-    given = kwargs.get("position_ids")
-    if given is None:
-        given = kwargs.get("cache_position")  # transformers 4.x, absolute in generate()
-        expected = stream.real_seen if not stream.padded else None
-    else:
-        expected = stream.real_seen
-    if given is None or expected is None or given.numel() == 0:
-        return
-    first = given.reshape(-1, given.shape[-1])[:, 0].cpu()
-    if bool((first < torch.as_tensor(expected)).any()):
-        stream.broken = True
-        raise UnsupportedGenerationError(
-            "the stream went back: this call starts at a position the press has already taken in. That is what "
-            "assisted/speculative decoding (or a manual cache crop) does when it rejects tokens; the press serves "
-            "greedy and sampling decoding only."
-        )

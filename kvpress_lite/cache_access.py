@@ -27,6 +27,20 @@ def self_attention_cache(cache: Any) -> Any:
     return getattr(cache, "self_attention_cache", cache)
 
 
+STREAM_ATTR = "_kvpress_lite_stream"
+
+
+def stream_of(cache: Any) -> Any:
+    """The press's stream state carried by a cache object (None for a cache no press filled).
+    It travels with the cache, so a later press with the same settings continues it, and a
+    copy of the cache (a branch of the conversation) carries its own copy."""
+    return getattr(self_attention_cache(cache), STREAM_ATTR, None)
+
+
+def attach_stream(cache: Any, stream: Any) -> None:
+    setattr(self_attention_cache(cache), STREAM_ATTR, stream)
+
+
 def cache_layers(cache: Any) -> list:
     """The per-layer objects of a cache, with a clear error for legacy or foreign caches."""
     cache = self_attention_cache(cache)

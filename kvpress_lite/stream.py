@@ -50,6 +50,9 @@ class Stream:
     sinks_fixed: bool = False  # True once the sinks sit at slots [0, n_sink)
     broken: bool = False
     layers: dict[int, LayerState] = field(default_factory=dict)  # pressed layer index -> its state
+    settings: tuple = ()  # the press settings that filled it (see conversation.settings_of)
+    recent_tokens: Optional[torch.Tensor] = None  # [batch, <= capacity] ids of the last tokens taken in
+    sink_tokens: Optional[torch.Tensor] = None  # [batch, <= n_sink] ids of the sinks
 
     def __post_init__(self) -> None:
         self.next_slot = self.n_sink
