@@ -349,9 +349,9 @@ class Attachment:
                 "pass a 2D padding mask (batch, tokens) or none"
             )
         new = mask[:, -q:].bool().cpu()
-        if not bool(new[:, -1].all()):
+        if bool((new.long().cummax(1).values.bool() & ~new).any()):  # a pad after a real token
             raise UnsupportedGenerationError(
-                "the attention_mask pads some rows on the right (their last token is padding). The press streams "
+                "the attention_mask pads some rows on the right (padding after real tokens). The press streams "
                 "left-padded batches only: set tokenizer.padding_side = 'left'."
             )
         if not stream.padded:

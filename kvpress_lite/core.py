@@ -91,12 +91,16 @@ def padded_sink_window_indices(valid: torch.Tensor, n_sink: int, capacity: int) 
     """Per row of a left-padded batch: which entries survive, ``[batch, capacity]`` indices.
 
     ``valid`` is ``[batch, seq]`` bool in stream order (False: padding). Each row keeps its
-    own first ``n_sink`` *real* entries as sinks (padding stands in where a row has fewer
-    so far), then its newest ``capacity - n_sink`` entries. Indices are sorted per row.
+    own first ``n_sink`` *real* entries as sinks, then its newest ``capacity - n_sink``
+    entries. A row with fewer real entries so far holds padding in its spare sink slots,
+    *after* its real sinks (so a real sink keeps its slot while the spare ones fill up on
+    later trims); otherwise indices are in stream order.
 
     >>> valid = torch.tensor([[False, False, True, True, True, True]])
     >>> padded_sink_window_indices(valid, 1, 3).tolist()
     [[2, 4, 5]]
+    >>> padded_sink_window_indices(valid, 2, 3).tolist()  # real sinks at 2 and 3 before the window
+    [[2, 3, 5]]
     """
     validate_budget(n_sink, capacity)
     window = capacity - n_sink
@@ -105,10 +109,10 @@ def padded_sink_window_indices(valid: torch.Tensor, n_sink: int, capacity: int) 
         real = [j for j, ok in enumerate(row) if ok]
         pads = [j for j, ok in enumerate(row) if not ok]
         sinks = real[:n_sink]
-        sinks = sinks + pads[: n_sink - len(sinks)]  # a short row pins padding in its spare sink slots
+        sinks = sinks + pads[: n_sink - len(sinks)]  # a short row pins padding in its spare sink slots, for now
         chosen = set(sinks)
         rest = [j for j in range(len(row)) if j not in chosen]
-        rows.append(sorted(sinks) + rest[len(rest) - window :])
+        rows.append(sinks + rest[len(rest) - window :])
     return torch.tensor(rows, dtype=torch.long, device=valid.device)
 
 

@@ -59,7 +59,9 @@ class Trim:
     ``sink_shift``: tokens evicted so far in the stream (minus the rebase offset), i.e. how
     far the sinks must move to sit next to the window; ``state``: a dict the scheme may keep
     per stream and layer; ``shared``: a dict shared by every layer of one call (to compute a
-    phase once per step).
+    phase once per step); ``new_sinks``: ``[batch, n_sink]`` bool, the sink slots that took
+    a new entry in this trim (a padded row whose real tokens arrive after its first trim),
+    None when the sinks stayed where they were.
     """
 
     layer_idx: int
@@ -67,6 +69,7 @@ class Trim:
     sink_shift: Shift
     state: dict
     shared: dict
+    new_sinks: Optional[torch.Tensor] = None
 
 
 class PositionScheme:
@@ -153,6 +156,10 @@ class Rotary(PositionScheme):
         sinks = keys[..., : trim.n_sink, start : start + dims]
         if "sink_pairs" not in trim.state:  # first trim: the sinks still carry their original rotation
             trim.state["sink_pairs"] = to_rotary_pairs(sinks, dims, self.interleaved)
+        elif trim.new_sinks is not None:  # entries new to the sinks come unrotated from the window
+            fresh = to_rotary_pairs(sinks, dims, self.interleaved)
+            new = trim.new_sinks.to(keys.device).view(*trim.new_sinks.shape[:1], 1, -1, 1)
+            trim.state["sink_pairs"] = torch.where(new, fresh, trim.state["sink_pairs"])
         freq = self._freq(trim.layer_idx)
         key = ("phase", id(freq))
         if key not in trim.shared:  # one phase per distinct base, shared by its layers

@@ -47,7 +47,8 @@ class Stream:
     shift: Union[int, torch.Tensor] = 0  # real tokens evicted = how far the sinks move
     valid: Optional[torch.Tensor] = None  # [batch, stored] bool, padded streams only
     offset: int = 0  # subtracted from every position handed to the model (see PositionScheme.rebase_step)
-    sinks_fixed: bool = False  # True once the sinks sit at slots [0, n_sink)
+    sinks_fixed: bool = False  # True once the sinks sit at slots [0, n_sink) for good
+    gathered: bool = False  # True after the first gather put sinks at slots [0, n_sink)
     broken: bool = False
     layers: dict[int, LayerState] = field(default_factory=dict)  # pressed layer index -> its state
     settings: tuple = ()  # the press settings that filled it (see conversation.settings_of)
@@ -99,6 +100,7 @@ class CallPlan:
     shift_after: Union[int, torch.Tensor] = 0  # sink shift once this call is done
     shared: dict = field(default_factory=dict)  # computed once per call, used by every layer (e.g. a phase)
     evicted: int = 0  # entries dropped per layer, summed over rows
+    new_sinks: Optional[torch.Tensor] = None  # [batch, n_sink] bool: sink slots taking a new entry
     valid_after: Optional[torch.Tensor] = None
     next_slot_after: int = 0
 
@@ -141,6 +143,8 @@ def plan_call(stream: Stream, q: int, new_valid: Optional[torch.Tensor]) -> Call
         index = order_t[sink_window_indices(total, n_sink, capacity)]
     else:  # logical (stream-order) indices per row, mapped to physical slots
         index = order_t[padded_sink_window_indices(valid_all[:, order_t], n_sink, capacity)]
+        if stream.gathered:  # sink slots whose occupant changes (padding giving way to a real token)
+            plan.new_sinks = index[:, :n_sink] != torch.arange(n_sink)
     plan.kind, plan.index = "gather", index
     plan.next_slot_after = n_sink
     if valid_all is None:
@@ -161,7 +165,10 @@ def commit_plan(plan: CallPlan) -> None:
     stream.stored = plan.total if plan.kind == "none" else stream.capacity
     stream.next_slot, stream.shift, stream.valid = plan.next_slot_after, plan.shift_after, plan.valid_after
     if plan.kind == "gather":
-        stream.sinks_fixed = True
+        stream.gathered = True
+        # the sinks are final once every row's sink slots hold real tokens; until then each eviction
+        # gathers again, so a row short of real tokens takes its own as they arrive
+        stream.sinks_fixed = stream.valid is None or bool(stream.valid[:, : stream.n_sink].all())
 
 
 def apply_plan(plan: CallPlan, layer, layer_idx: int, scheme: PositionScheme, position_shift: bool) -> None:
@@ -191,7 +198,8 @@ def apply_plan(plan: CallPlan, layer, layer_idx: int, scheme: PositionScheme, po
             keys, values = _gather(keys, plan.index), _gather(values, plan.index)
         if position_shift:
             shift = plan.shift_after - stream.offset
-            scheme.after_trim(keys, Trim(layer_idx, stream.n_sink, shift, state.scheme_state, plan.shared))
+            scheme.after_trim(keys, Trim(layer_idx, stream.n_sink, shift, state.scheme_state, plan.shared,
+                                         plan.new_sinks))
     layer.keys, layer.values = keys, values
     state.keys_ref = keys
 

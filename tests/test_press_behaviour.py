@@ -212,3 +212,26 @@ def test_rebase_keeps_rope_positions_small_without_changing_logits(family):
         handle.remove()
     assert max(handed) < 3 * CAPACITY and handed[-1] < 100  # without the rebase the last would be 398
     torch.testing.assert_close(rebased, plain, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("short_len", [10, 22], ids=["no-real-token-at-first-eviction", "two-real-tokens"])
+def test_padded_rows_keep_their_own_sinks_when_the_batch_prompt_overflows(family, shift, short_len):
+    """The longest prompt (60) overflows the cache (24), so the batch is prefilled in chunks of 20 and the
+    first eviction comes while the short row holds no or only two real tokens: it must still end up with its
+    own first four tokens as sinks, exactly like its solo run (issue 8)."""
+    model = tiny_model(family, "eager")
+    gen = torch.Generator().manual_seed(11)
+    long_row, short_row = torch.randint(0, 128, (1, 60), generator=gen), torch.randint(0, 128, (1, short_len), generator=gen)
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=24, position_shift=shift):
+        _, solo_short = generate(model, short_row, 60)
+    pad = long_row.shape[1] - short_row.shape[1]
+    batch = torch.cat([long_row, torch.cat([torch.zeros(1, pad, dtype=torch.long), short_row], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=24, position_shift=shift) as press:
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=60, min_new_tokens=60, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        assert press.stats.cache_length == [24, 24]
+    torch.testing.assert_close(torch.stack(out.logits)[:, 1], solo_short, atol=1e-4, rtol=0)
