@@ -49,6 +49,10 @@ class Adapter:
     cache_kwargs:
         Candidate names of the keyword carrying the cache into the attention module; the
         first one found in the module's ``forward`` signature is used.
+    decoder_path:
+        Dotted path from ``model.base_model`` to the module that takes the tokens, the
+        cache and ``position_ids`` (where the press's call hooks go). Default ``""``: the
+        base model itself. OPT's causal LM calls ``model.decoder`` directly: ``"decoder"``.
 
     Example
     -------
@@ -64,11 +68,24 @@ class Adapter:
     positions: SchemeFactory
     cache_kwargs: tuple[str, ...] = DEFAULT_CACHE_KWARGS
     description: str = field(default="", compare=False)
+    decoder_path: str = ""
 
     def matches(self, model: nn.Module) -> bool:
         """True when ``model``'s ``config.model_type`` is one of :attr:`model_types`."""
         config = getattr(model, "config", None)
         return getattr(config, "model_type", None) in self.model_types
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The module whose calls the press intercepts (see :attr:`decoder_path`)."""
+        if not self.decoder_path:
+            return base_model(model)
+        found = _walk(base_model(model), self.decoder_path.split("."))
+        if len(found) != 1:
+            raise UnsupportedModelError(
+                f"adapter {self.name!r} found no single decoder module at {self.decoder_path!r} in "
+                f"{type(model).__name__}"
+            )
+        return found[0]
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """The attention modules in layer order, found by walking :attr:`attention_path`."""

@@ -109,7 +109,7 @@ class Attachment:
 
     def __init__(self, press: "StreamingLLMPress", model: nn.Module, adapter: Adapter) -> None:
         self.press, self.model, self.adapter = press, model, adapter
-        self.base = base_model(model)
+        self.base = adapter.decoder(model)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         try:
             self.scheme: PositionScheme = adapter.positions(model)
@@ -306,7 +306,7 @@ class Attachment:
                 f"this cache already holds {existing} entries (more than capacity={capacity}) that were not produced "
                 "under this press; start from an empty cache after applying the press"
             )
-        stream = Stream(self.press.n_sink, capacity, batch, settings=self.settings)
+        stream = Stream(self.press.n_sink, capacity, batch, settings=self.settings, ordered=self.scheme.ordered_cache)
         stream.stored = stream.real_seen = existing
         mask = attention_mask
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):

@@ -18,6 +18,9 @@ class it holds, so a plugin may bring its own scheme:
 ``rebase_step(stream_length, capacity)`` / ``rebase(keys, layer_idx, step)``
     For schemes whose positions grow without bound: how far to move every stored key back
     so positions stay small (0: never), and doing it to one layer.
+``ordered_cache``
+    True when the model reads positions off the order of the cache entries (ALiBi): the
+    press then keeps them in stream order rather than overwriting the oldest slot.
 
 Built-in schemes: :class:`Rotary` (rotate-half or interleaved pairs, full or partial, a
 different base per layer, a rotary slice anywhere in the head), :class:`AbsoluteEmbedding`
@@ -82,6 +85,9 @@ class PositionScheme:
     description: str = "no positions in the keys"
     #: positions the model can be handed at most (a learned table's rows), None: unbounded
     max_positions: Optional[int] = None
+    #: True when the model reads positions off the order of the cache entries (ALiBi builds its
+    #: bias from their index): the press then keeps them in stream order instead of as a ring
+    ordered_cache: bool = False
 
     def check(self, model: nn.Module, *, capacity: Optional[int], position_shift: bool) -> None:
         """Raise :class:`UnsupportedModelError` if the press cannot serve ``model`` this way."""
@@ -211,6 +217,7 @@ class Alibi(PositionScheme):
     no absolute distances to keep: ``position_shift=False`` is refused."""
 
     description = "ALiBi (bias by key distance in the cache)"
+    ordered_cache = True
 
     def check(self, model: nn.Module, *, capacity: Optional[int], position_shift: bool) -> None:
         if not position_shift:

@@ -143,7 +143,7 @@ class StreamingLLMPress:
 
         if self._attachment is not None:
             raise PressAlreadyAppliedError("this press is already registered on a model; call press.remove() first")
-        base = base_model(model)
+        base = base_model(model)  # a second press is refused whichever adapter it would use
         if base in _ACTIVE:
             raise PressAlreadyAppliedError(
                 f"{type(model).__name__} already carries a kvpress-lite press; call .remove() on it before applying "
@@ -178,8 +178,9 @@ class StreamingLLMPress:
         if attachment is None:
             return
         attachment.detach()
-        if _ACTIVE.get(attachment.base) is self:
-            del _ACTIVE[attachment.base]
+        key = base_model(attachment.model)
+        if _ACTIVE.get(key) is self:
+            del _ACTIVE[key]
 
     def __call__(self, model: nn.Module, adapter: Adapter | str | None = None) -> "StreamingLLMPress":
         """``with press(model): ...`` registers on entry and removes on exit."""

@@ -49,6 +49,7 @@ class Stream:
     offset: int = 0  # subtracted from every position handed to the model (see PositionScheme.rebase_step)
     sinks_fixed: bool = False  # True once the sinks sit at slots [0, n_sink) for good
     gathered: bool = False  # True after the first gather put sinks at slots [0, n_sink)
+    ordered: bool = False  # keep entries in stream order (no ring): the scheme reads positions off the order
     broken: bool = False
     layers: dict[int, LayerState] = field(default_factory=dict)  # pressed layer index -> its state
     settings: tuple = ()  # the press settings that filled it (see conversation.settings_of)
@@ -121,7 +122,7 @@ def plan_call(stream: Stream, q: int, new_valid: Optional[torch.Tensor]) -> Call
         plan.valid_after = valid_all
         return plan
 
-    if q == 1 and stored == capacity and stream.sinks_fixed:
+    if q == 1 and stored == capacity and stream.sinks_fixed and not stream.ordered:
         plan.kind = "ring"
         plan.slot, plan.next_slot_after = ring_slot(stream.next_slot, n_sink, capacity)
         if valid_all is None:
