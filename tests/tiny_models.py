@@ -20,7 +20,7 @@ from transformers import (
     Qwen2Config,
 )
 
-# The families the library supports natively (qwen2 is only used by a plugin test).
+# The families with a plain float64 reference in reference.py (qwen2: llama + q/k/v biases).
 FAMILIES = ("gpt_neox", "llama", "gpt2")
 
 WEIGHT_STD = 0.2  # std of every matrix; 0.02 (HF default) gives near-uniform attention
