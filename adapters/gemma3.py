@@ -10,11 +10,12 @@ model) is wider than the capacity, left alone when it fits inside the press's wi
 """
 
 import kvpress_lite as kvl
+from kvpress_lite.adapter import base_model
 from kvpress_lite.positions import rope_type
 
 
 def gemma3_positions(model) -> kvl.Rotary:
-    config, base = model.config, model.base_model
+    config, base = model.config, base_model(model)
     types = list(config.layer_types)
     rotary = base.rotary_emb
     if hasattr(rotary, "full_attention_inv_freq") or hasattr(rotary, "sliding_attention_inv_freq"):  # 5.x

@@ -57,12 +57,12 @@ def layer_kind(layer: Any) -> str:
     """:data:`FULL` or :data:`SLIDING` for a cache layer the press can serve; otherwise raise,
     naming the layer and what to do."""
     name = type(layer).__name__
-    if getattr(layer, "is_compileable", False) or hasattr(layer, "max_cache_len"):
+    if not hasattr(layer, "keys"):
+        problem = "holds no attention keys/values (an SSM, convolution or linear-attention state)"
+    elif getattr(layer, "is_compileable", False) or hasattr(layer, "max_cache_len"):
         problem = "has a fixed size (a static cache, e.g. cache_implementation='static')"
     elif hasattr(layer, "residual_length") or hasattr(layer, "quantizer"):
         problem = "stores quantized keys (a quantized cache)"
-    elif not hasattr(layer, "keys"):
-        problem = "holds no keys/values"
     else:
         return SLIDING if getattr(layer, "is_sliding", False) else FULL
     raise UnsupportedGenerationError(

@@ -50,7 +50,7 @@ from .errors import UnsupportedModelError
 
 # RoPE variants whose frequencies do not depend on sequence length: a rotation by `shift`
 # positions is then the same at every point of the stream, which the sink shift relies on.
-SHIFTABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SHIFTABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
 Shift = Union[int, torch.Tensor]  # one count for the whole batch, or one per row ([batch])
 
@@ -130,6 +130,7 @@ class Rotary(PositionScheme):
     rope_type: str = "default"
     rebase_period: int = 2**15
     description: str = ""
+    position_table: Optional[int] = None  # rows of a precomputed sin/cos table the model reads (GPT-J)
 
     def __post_init__(self) -> None:
         if not self.description:
@@ -154,6 +155,15 @@ class Rotary(PositionScheme):
             )
         if capacity is not None:
             self.rebase_period = max(self.rebase_period, 4 * capacity)
+        if self.position_table is not None and capacity is not None:
+            # positions handed stay below rebase_period + one call (at most `capacity` tokens)
+            if 2 * capacity >= self.position_table:
+                raise ValueError(
+                    f"capacity={capacity} is too large for the {self.position_table}-row rotary table of "
+                    f"{type(model).__name__}: the press re-bases positions to stay inside the table, which needs "
+                    f"capacity < {self.position_table // 2}."
+                )
+            self.rebase_period = min(self.rebase_period, self.position_table - capacity)
 
     def after_trim(self, keys: torch.Tensor, trim: Trim) -> None:
         if not trim.n_sink:

@@ -1,0 +1,236 @@
+"""Conformance of every causal-LM type of the installed transformers.
+
+For each model type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` a tiny random model is built
+(kvpress_lite/tiny.py). If the registry has an adapter for the type, the press is applied WITHOUT
+forcing the adapter (``apply_press`` must find it) and the checks of oracle.py must pass:
+(a) no-op, (b) bounded cache, (c) generate() = loop, (f) multi-layer absolute reference where
+the model takes per-layer-type masks, and (d)/(e) one-layer dense references per layer kind,
+under eager and sdpa attention, and for families with sliding-window layers both with windows
+the layers keep themselves and with windows wider than the capacity. If no adapter lists the
+type, ``apply_press`` must raise :class:`UnsupportedModelError` before any forward.
+
+``KVPRESS_LITE_SUPPORT_TABLE=path`` writes the support table (conftest.py) at the end.
+
+The survey that chose the adapters (which candidate makes each family exact, and why the
+others are refused) is survey.py in this folder.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import kvpress_lite as kvl
+import kvpress_lite_adapters._rope_extra as extra
+from oracle import (
+    CAPACITY,
+    N_SINK,
+    NARROW_WINDOW,
+    WIDE_WINDOW,
+    CheckFailed,
+    check_positions,
+    run_checks,
+)
+from support import RESULTS
+from kvpress_lite.tiny import (
+    NotBuildable,
+    all_model_types,
+    layer_variants,
+    optional_window,
+    tiny_config,
+    tiny_model,
+    two_layer_pattern,
+    windowed_variant,
+)
+
+TYPES = all_model_types()
+
+SURVEYED_ON_5X = int(transformers.__version__.split(".")[0]) >= 5  # the survey ran on 5.x (types added since)
+
+
+def registered() -> dict:
+    """model_type -> AdapterInfo, from the registry's public listing."""
+    out = {}
+    for info in kvl.available_adapters():
+        for model_type in info.model_types:
+            out.setdefault(model_type, info)
+    return out
+
+
+def oracle_scheme(scheme) -> str:
+    """Reference semantics for (e): absolute tables (learned, sinusoidal) vs relative (RoPE, NoPE)."""
+    return "learned" if type(scheme).__name__ in ("AbsoluteEmbedding", "LearnedPositions") else "rope"
+
+
+def scheme_text(scheme) -> str:
+    text = getattr(scheme, "description", "") or type(scheme).__name__
+    return text
+
+
+def supports_sdpa(model_type: str, pattern) -> bool:
+    try:
+        tiny_model(model_type, 2, "sdpa", layer=pattern)
+    except Exception:
+        return False
+    return True
+
+
+def regimes(model_type: str, variants: list[int]) -> list[tuple[str, int, tuple, bool]]:
+    """(name, window, windowed kinds skipped one-layer, sliding forced) per window regime."""
+    windowed = tuple(v for v in variants if windowed_variant(model_type, v))
+    out = [("narrow", NARROW_WINDOW, windowed, False)]
+    if windowed:
+        out.append(("wide", WIDE_WINDOW, (), False))
+        if set(windowed) == set(variants):
+            out = out[1:]  # every layer windowed: narrow windows leave the press nothing to bound
+    if optional_window(model_type):
+        out.append(("wide-all", WIDE_WINDOW, (), True))
+    return out
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_family(model_type):
+    record = RESULTS.setdefault(model_type, {"type": model_type})
+    pattern = two_layer_pattern(model_type)
+    try:
+        try:
+            model = tiny_model(model_type, 2, "eager", layer=pattern)
+        except NotBuildable:
+            raise
+        except Exception:
+            if pattern is None:
+                raise
+            pattern = None
+            model = tiny_model(model_type, 2, "eager", layer=pattern)
+    except NotBuildable as exc:
+        record.update(status=f"not built: {exc.category}")
+        pytest.skip(f"{model_type} not built tiny: {exc}")
+    except Exception as exc:
+        record.update(status=f"not built: {type(exc).__name__}")
+        pytest.skip(f"{model_type} not built tiny: {exc!r}"[:300])
+
+    # the model_type the press sees (4.5x builds "code_llama" as a "llama" config, say)
+    info = registered().get(model.config.model_type)
+    if info is None:
+        calls = []
+        handle = model.register_forward_pre_hook(lambda *a, **k: calls.append(1))
+        try:
+            with pytest.raises(kvl.UnsupportedModelError) as caught:
+                kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY)
+        finally:
+            handle.remove()
+        assert not calls, "apply_press ran a forward before refusing"
+        record.update(status="refused", reason=str(caught.value).splitlines()[0][:300])
+        return
+    try:  # an adapter may decline a model on this release (a version it was not verified on): a clean refusal
+        info.adapter.positions(model)
+    except kvl.UnsupportedModelError as exc:
+        with pytest.raises(kvl.UnsupportedModelError):
+            kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY)
+        record.update(status="refused", adapter=info.name, reason=str(exc).splitlines()[0][:300])
+        return
+    # accepted: every check must pass, on every transformers release the suite runs on
+    _check_registered(model_type, model, info, pattern, record)
+
+
+def cache_kinds(model) -> str:
+    """The kinds of cache layer the model's own cache has: full, sliding-window, or both."""
+    from kvpress_lite.cache_access import new_dynamic_cache
+
+    layers = getattr(new_dynamic_cache(model), "layers", None) or []
+    kinds = sorted({"sliding" if getattr(layer, "is_sliding", False) else "full" for layer in layers})
+    return " + ".join(kinds) or "full"
+
+
+def _check_registered(model_type, model, info, pattern, record):
+    record.update(adapter=info.name, plugin=info.plugin, cache=cache_kinds(model))
+    scheme = info.adapter.positions(model)
+    record.update(positions=scheme_text(scheme))
+    variants = layer_variants(model_type)
+    attns = ["eager"] + (["sdpa"] if supports_sdpa(model_type, pattern) else [])
+    done = []
+    for regime, window, skip, sliding in regimes(model_type, variants):
+        models: dict = {}
+
+        def build(num_layers, attn, variant, window=window, sliding=sliding, models=models):
+            key = (num_layers, attn, variant)
+            if key not in models:
+                layer = pattern if (num_layers == 2 and variant is None) else variant
+                models[key] = tiny_model(model_type, num_layers, attn, layer=layer, window=window, sliding=sliding)
+            return models[key]
+
+        for attn in attns:
+            try:
+                run_checks(build, None, oracle_scheme(scheme), attn, tuple(variants), skip)
+            except CheckFailed as exc:
+                record.update(status=f"FAILED ({attn}, {regime} windows): {exc}"[:300])
+                raise
+            except Exception as exc:
+                record.update(status=f"ERROR ({attn}, {regime} windows): {type(exc).__name__}: {exc}"[:300])
+                raise
+            done.append(attn if regime == "narrow" else f"{attn} {regime}")
+    record.update(status="exact (" + ", ".join(done) + ")")
+
+
+# -- the checks can fail --------------------------------------------------------------------
+
+
+def _one_layer(model_type, **kwargs):
+    return tiny_model(model_type, 1, "eager", **kwargs)
+
+
+def test_rotate_half_on_an_interleaved_family_fails_the_shifted_check():
+    wrong = kvl.Adapter(name="wrong", model_types=("cohere",), attention_path="layers.*.self_attn",
+                        positions=kvl.rope_positions("rotary_emb", interleaved=False))
+    model = _one_layer("cohere")
+    assert check_positions(model, wrong, False, "rope") < 1e-5  # absolute positions cannot tell
+    with pytest.raises(CheckFailed, match=r"^\(e\)"):
+        check_positions(model, wrong, True, "rope")
+
+
+def test_rope_on_nope_layers_fails_the_shifted_check():
+    wrong = kvl.Adapter(name="wrong", model_types=("smollm3",), attention_path="layers.*.self_attn",
+                        positions=kvl.rope_positions("rotary_emb"))
+    nope_kind = [k for k in layer_variants("smollm3") if k][0]
+    with pytest.raises(CheckFailed, match=r"^\(e\)"):
+        check_positions(_one_layer("smollm3", layer=nope_kind), wrong, True, "rope")
+    right = kvl.Adapter(name="right", model_types=("smollm3",), attention_path="layers.*.self_attn",
+                        positions=extra.nope_layers_positions("rotary_emb"))
+    assert check_positions(_one_layer("smollm3", layer=nope_kind), right, True, "rope") < 1e-5
+
+
+def test_learned_positions_reference_is_not_the_rope_one():
+    """GPT-2 under the shift keeps each key at the slot it was inserted in: a reference at
+    positions 0..L-1 (the RoPE semantics) must disagree, the slot reference must agree."""
+    model = _one_layer("gpt2")
+    assert check_positions(model, None, True, "learned") < 1e-5
+    with pytest.raises(CheckFailed, match=r"^\(e\)"):
+        check_positions(model, None, True, "rope")
+
+
+def test_unbounded_cache_fails_the_bounded_check():
+    """OPT's causal-LM wrapper calls model.decoder directly: the press's hooks on the base model
+    never run, and only the bounded check notices."""
+    from oracle import check_bounded, check_noop
+
+    sneaky = kvl.Adapter(name="sneaky", model_types=("opt",), attention_path="decoder.layers.*.self_attn",
+                         positions=kvl.learned_positions("max_position_embeddings"))
+    model = tiny_model("opt", 2)
+    assert check_noop(model, sneaky) == 0.0
+    with pytest.raises(CheckFailed, match=r"^\(b\)"):
+        check_bounded(model, sneaky)
+
+
+@pytest.mark.skipif(not SURVEYED_ON_5X, reason="older releases lack types the adapters list")
+def test_every_registered_type_is_a_causal_lm_type():
+    """A typo in an adapter's model_types would silently serve nothing."""
+    unknown = sorted(set(registered()) - set(TYPES) - {"qwen2"})
+    assert not unknown, unknown
+
+
+@pytest.mark.parametrize("model_type", ["llama"])
+def test_the_config_is_tiny(model_type):
+    config = tiny_config(model_type, 2)
+    assert config.hidden_size == 64 and config.vocab_size == 128
+    assert torch.finfo(tiny_model(model_type, 2).dtype).bits == 32
