@@ -36,6 +36,7 @@ from .errors import (
 from .hookspecs import hookimpl
 from .press import PressStats, StreamingLLMPress
 from .registry import AdapterInfo, available_adapters, find_adapter
+from .static import StreamingCache
 
 __version__ = "0.1.0"
 
@@ -81,6 +82,7 @@ __all__ = [
     "PressStats",
     "Refusal",
     "Rotary",
+    "StreamingCache",
     "StreamingLLMPress",
     "Trim",
     "UnsupportedGenerationError",

@@ -108,6 +108,15 @@ class PositionScheme:
         """Move the stored keys of one layer back by ``step`` positions, in place."""
         raise NotImplementedError(f"{type(self).__name__} does not rebase")
 
+    def static_unsupported(self) -> Optional[str]:
+        """Why the static-shape (compiled) cache cannot serve this scheme, or None when it can."""
+        return None
+
+    def static_rotary(self, layer_idx: int) -> Optional[tuple]:
+        """For the static cache: ``(rotary_start, rotary_dims, interleaved, inv_freq)`` of a layer
+        whose sinks must be re-rotated, or None."""
+        return None
+
 
 
 @dataclass
@@ -182,6 +191,15 @@ class Rotary(PositionScheme):
             trim.shared[key] = rope_phase(trim.sink_shift, freq).to(keys.device)
         write_rotated(sinks, trim.state["sink_pairs"], trim.shared[key], self.interleaved)
 
+    def static_unsupported(self) -> Optional[str]:
+        if self.position_table is not None:
+            return "its rotary table has a fixed number of rows, and the static cache does not re-base positions"
+        return None
+
+    def static_rotary(self, layer_idx: int) -> Optional[tuple]:
+        dims = self.rotary_dims(layer_idx)
+        return (self.rotary_start, dims, self.interleaved, self._freq(layer_idx)) if dims else None
+
     def rebase_step(self, stream_length: int, capacity: int) -> int:
         # float32 angles lose precision as positions grow (0.06 rad of spacing at 1e6): once past
         # the period, move everything back so the oldest kept window entry sits at `capacity`
@@ -212,6 +230,9 @@ class AbsoluteEmbedding(PositionScheme):
                 f"{self.max_positions}."
             )
 
+    def static_unsupported(self) -> Optional[str]:
+        return "absolute position tables need the press's position hook to keep positions inside the table"
+
     def position_ids(self, stream_positions: torch.Tensor, *, capacity: int, position_shift: bool) -> torch.Tensor:
         if not position_shift:
             return stream_positions
@@ -228,6 +249,9 @@ class Alibi(PositionScheme):
 
     description = "ALiBi (bias by key distance in the cache)"
     ordered_cache = True
+
+    def static_unsupported(self) -> Optional[str]:
+        return "ALiBi reads positions off the order of the cache entries, which a fixed ring does not keep"
 
     def check(self, model: nn.Module, *, capacity: Optional[int], position_shift: bool) -> None:
         if not position_shift:

@@ -1,0 +1,206 @@
+"""Static-shape streaming: a fixed-size cache that ``torch.compile`` compiles once.
+
+:class:`StreamingCache` is a transformers ``Cache`` whose layers own the eviction: each
+holds ``capacity + 1`` slots whose shape and address never change, written in place. No
+press hooks run; every per-step quantity (the tokens seen, the slot written, the sinks'
+shift) is a tensor, so a compiled ``model.forward`` never branches on the stream and never
+recompiles, however long the stream runs.
+
+Semantics are the eager press's, token by token: a new token attends to the sinks, the
+``capacity - n_sink`` tokens before it and itself (``capacity + 1`` entries), at positions
+within the cache. The slots: ``[0, n_sink)`` the sinks, ``[n_sink, capacity + 1)`` a ring
+of ``capacity - n_sink + 1`` window slots; a new token overwrites the entry the eager press
+evicted after the previous step. Once full, the causal mask's query offset stays at
+``capacity`` so every slot is visible. RoPE sinks are rotated forward by the tokens evicted
+so far from a float64 copy of their first encoding, as in the eager press.
+
+Scope: transformers >= 5 (the cache gives the mask its query offset), families whose
+position scheme supports it (RoPE; not learned tables or ALiBi, which need the press's
+position hook or stream order), full-attention layers. A prompt of at most
+``capacity + 1`` tokens may go in one call; longer prompts go in with :func:`prefill`.
+
+>>> cache = StreamingCache(model, n_sink=4, capacity=256)                      # doctest: +SKIP
+>>> forward = torch.compile(model.forward)                                       # doctest: +SKIP
+>>> out = model(input_ids=prompt, cache=cache, use_cache=True)                  # eager prefill
+>>> out = forward(input_ids=token, cache=cache, use_cache=True)                 # compiled steps
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from . import cache_access
+from .adapter import Adapter
+from .core import validate_budget
+from .errors import UnsupportedGenerationError, UnsupportedModelError
+
+
+def _transformers_cache_classes():
+    from transformers.cache_utils import Cache, StaticLayer
+
+    if not hasattr(Cache, "get_query_offset"):
+        raise UnsupportedModelError(
+            "static-shape streaming needs transformers >= 5 (the cache hands the causal mask its query offset); "
+            "use the eager press (apply_press) on this release"
+        )
+    return Cache, StaticLayer
+
+
+def _layer_class():
+    Cache, StaticLayer = _transformers_cache_classes()
+
+    class StreamingLayer(StaticLayer):
+        """``capacity + 1`` fixed slots; the layer writes, evicts and re-rotates in place."""
+
+        is_croppable = False
+
+        def __init__(self, layer_idx: int, n_sink: int, capacity: int, scheme: Any) -> None:
+            super().__init__(max_cache_len=capacity + 1)
+            self.layer_idx, self.n_sink, self.capacity, self.scheme = layer_idx, n_sink, capacity, scheme
+            self.rotary = scheme.static_rotary(layer_idx)  # None, or (start, dims, interleaved, inv_freq)
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            super().lazy_initialization(key_states, value_states)
+            if self.rotary is not None and self.n_sink:
+                start, dims, interleaved, inv_freq = self.rotary
+                batch, heads = key_states.shape[:2]
+                # [batch, heads, n_sink, dims/2] x2, float64: the sinks' rotary pairs as first encoded
+                self.sink_real = torch.zeros(batch, heads, self.n_sink, dims // 2, dtype=torch.float64,
+                                             device=self.device)
+                self.sink_imag = torch.zeros_like(self.sink_real)
+                self.inv_freq = inv_freq.to(device=self.device, dtype=torch.float64)
+                if not torch.compiler.is_compiling():
+                    for buffer in (self.sink_real, self.sink_imag):
+                        torch._dynamo.mark_static_address(buffer)
+
+        def _pairs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            start, dims, interleaved, _ = self.rotary
+            rot = x[..., start : start + dims].to(torch.float64)
+            if interleaved:
+                return rot[..., 0::2], rot[..., 1::2]
+            return rot[..., : dims // 2], rot[..., dims // 2 :]
+
+        def _write_sinks(self, shift: torch.Tensor) -> None:
+            """Sinks at rotation `shift` positions past their first encoding (float64, one rounding)."""
+            start, dims, interleaved, _ = self.rotary
+            angle = torch.remainder(shift.to(torch.float64) * self.inv_freq, 2 * math.pi)  # [dims/2]
+            cos, sin = angle.cos(), angle.sin()
+            real = self.sink_real * cos - self.sink_imag * sin
+            imag = self.sink_imag * cos + self.sink_real * sin
+            rotated = torch.stack([real, imag], -1).flatten(-2) if interleaved else torch.cat([real, imag], -1)
+            self.keys[..., : self.n_sink, start : start + dims] = rotated.to(self.keys.dtype)
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            q, n_sink, capacity = key_states.shape[-2], self.n_sink, self.capacity
+            seen = self.cumulative_length  # tokens taken in before this call, a 0-dim tensor
+            if q == 1:  # the compiled path: no Python branch on the stream
+                window = capacity - n_sink + 1
+                slots = torch.where(seen <= capacity, seen, n_sink + torch.remainder(seen - n_sink, window)).view(1)
+            else:  # a prompt (eager): it must fit the slots that are still free
+                if int(seen) + q > capacity + 1:
+                    raise UnsupportedGenerationError(
+                        f"a call of {q} tokens does not fit the static cache ({int(seen)} of {capacity + 1} slots "
+                        "taken): feed long prompts with kvpress_lite.static.prefill(model, input_ids, cache), which "
+                        "fills the cache and then goes token by token"
+                    )
+                slots = torch.arange(q, device=self.device) + seen
+            self.keys.index_copy_(2, slots, key_states)
+            self.values.index_copy_(2, slots, value_states)
+            if self.rotary is not None and n_sink:
+                # keep the first encoding of new sinks (slots < n_sink), then write all sinks at the current shift
+                real, imag = self._pairs(key_states)
+                if q == 1:
+                    slot = slots.clamp(max=n_sink - 1)
+                    is_sink = (slots < n_sink).view(1, 1, 1, 1)
+                    self.sink_real.index_copy_(2, slot, torch.where(is_sink, real, self.sink_real.index_select(2, slot)))
+                    self.sink_imag.index_copy_(2, slot, torch.where(is_sink, imag, self.sink_imag.index_select(2, slot)))
+                else:
+                    first, count = int(seen), max(0, min(n_sink - int(seen), q))
+                    self.sink_real[:, :, first : first + count] = real[:, :, :count]
+                    self.sink_imag[:, :, first : first + count] = imag[:, :, :count]
+                self._write_sinks((seen + q - 1 - capacity).clamp(min=0))
+            self.cumulative_length.add_(q)
+            return self.keys, self.values
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise UnsupportedGenerationError(
+                "a streaming cache cannot be cropped (assisted/speculative decoding rejects tokens it has evicted); "
+                "use greedy or sampling decoding"
+            )
+
+    return Cache, StreamingLayer
+
+
+def streaming_cache_class():
+    """The :class:`StreamingCache` class (built lazily: it subclasses transformers' Cache)."""
+    global _STREAMING_CACHE
+    if _STREAMING_CACHE is None:
+        Cache, StreamingLayer = _layer_class()
+
+        class StreamingCache(Cache):
+            """A fixed-size StreamingLLM cache for ``torch.compile``; see the module docstring."""
+
+            def __init__(self, model: nn.Module, n_sink: int = 4, capacity: int = 256,
+                         adapter: Optional[Adapter | str] = None) -> None:
+                from .attachment import plan_layers
+                from .registry import find_adapter
+
+                validate_budget(n_sink, capacity)
+                chosen = adapter if isinstance(adapter, Adapter) else find_adapter(model, adapter)
+                scheme = chosen.positions(model)
+                scheme.check(model, capacity=capacity, position_shift=True)
+                reason = scheme.static_unsupported()
+                if reason:
+                    raise UnsupportedModelError(f"static-shape streaming does not serve {type(model).__name__}: {reason}")
+                attentions = chosen.attention_modules(model)
+                indices = [getattr(a, "layer_idx", i) for i, a in enumerate(attentions)]
+                plan = plan_layers(model, indices, n_sink, capacity)
+                if plan.sliding or plan.sliding_pressed:
+                    raise UnsupportedModelError(
+                        f"static-shape streaming does not serve sliding-window layers yet ({type(model).__name__}); "
+                        "use the eager press (apply_press)"
+                    )
+                self.n_sink, self.capacity = n_sink, capacity
+                super().__init__(layers=[StreamingLayer(i, n_sink, capacity, scheme) for i in range(max(indices) + 1)])
+
+            def get_query_offset(self, layer_idx: int = 0):
+                # once full the query sits past every slot: all capacity + 1 entries are visible
+                return self.layers[layer_idx].cumulative_length.clamp(max=self.capacity)
+
+        _STREAMING_CACHE = StreamingCache
+    return _STREAMING_CACHE
+
+
+_STREAMING_CACHE = None
+
+
+def StreamingCache(model: nn.Module, n_sink: int = 4, capacity: int = 256, adapter: Optional[Adapter | str] = None):
+    """A fixed-size StreamingLLM cache for ``model`` that ``torch.compile`` compiles once.
+
+    >>> cache = StreamingCache(model, n_sink=4, capacity=256)    # doctest: +SKIP
+    >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=2000)   # doctest: +SKIP
+    """
+    return streaming_cache_class()(model, n_sink=n_sink, capacity=capacity, adapter=adapter)
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, input_ids: torch.Tensor, cache: Any) -> Any:
+    """Feed a prompt of any length into a :class:`StreamingCache`: as many tokens as the free
+    slots hold in one call, the rest one by one (the eager press's token-by-token semantics).
+    Returns the output of the last call.
+
+    >>> out = prefill(model, prompt, cache)   # doctest: +SKIP
+    """
+    name = cache_access.model_cache_kwarg(model)
+    free = cache.capacity + 1 - int(cache.get_seq_length())
+    first = max(1, min(free, input_ids.shape[1]))
+    out = model(input_ids=input_ids[:, :first], use_cache=True, **{name: cache})
+    for t in range(first, input_ids.shape[1]):
+        out = model(input_ids=input_ids[:, t : t + 1], use_cache=True, **{name: cache})
+    return out

@@ -1,0 +1,123 @@
+"""Static-shape streaming (kvpress_lite.static): a fixed cache that torch.compile compiles once.
+
+Same semantics as the eager press (which test_press_reference checks against the float64
+reference): the static cache, run eagerly, gives the eager press's logits; compiled, it gives
+the same logits for 2,000+ steps with zero recompiles after warm-up."""
+
+import pytest
+import torch
+import transformers
+
+import kvpress_lite as kvl
+from kvpress_lite.cache_access import model_cache_kwarg, output_cache
+from kvpress_lite.static import StreamingCache, prefill
+from kvpress_lite.tiny import tiny_model as any_family
+from tiny_models import tiny_model
+
+N_SINK, CAPACITY = 4, 32
+FIVE = int(transformers.__version__.split(".")[0]) >= 5
+needs_5 = pytest.mark.skipif(not FIVE, reason="static-shape streaming needs transformers >= 5 (refused on 4.x, "
+                                              "see test_static_mode_is_refused_where_it_cannot_serve)")
+
+
+def ids_of(length, seed=0):
+    return torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def stream(model, ids, cache, prompt_len, forward=None):
+    """Prompt in one call, then token by token; logits [T - 1, vocab] like helpers.loop_logits."""
+    forward, name = forward or model, model_cache_kwarg(model)
+    logits = [model(input_ids=ids[:, :prompt_len], use_cache=True, **{name: cache}).logits[0]]
+    for t in range(prompt_len, ids.shape[1] - 1):
+        logits.append(forward(input_ids=ids[:, t : t + 1], use_cache=True, **{name: cache}).logits[0])
+    return torch.cat(logits)
+
+
+def press_logits(model, ids, prompt_len, **press_kwargs):
+    from transformers import DynamicCache
+
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY, **press_kwargs):
+        return stream(model, ids, DynamicCache(config=model.config), prompt_len)
+
+
+@needs_5
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "cohere", "phi", "qwen3"])
+def test_the_static_cache_gives_the_eager_press_logits(family):
+    """Rotate-half, interleaved (cohere) and partial (gpt_neox, phi) RoPE, token by token past the capacity."""
+    model = tiny_model(family, "sdpa") if family in ("llama", "gpt_neox") else any_family(family, 2, "sdpa")
+    ids = ids_of(150, 1)
+    want = press_logits(model, ids, 10)
+    got = stream(model, ids, StreamingCache(model, n_sink=N_SINK, capacity=CAPACITY), 10)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    assert (got[100:] - stream(model, ids, StreamingCache(model, n_sink=0, capacity=CAPACITY), 10)[100:]).abs().max() > 1e-2
+
+
+@needs_5
+def test_a_long_prompt_goes_in_through_prefill_token_by_token():
+    model = tiny_model("llama", "sdpa")
+    ids = ids_of(100, 2)
+    cache = StreamingCache(model, n_sink=N_SINK, capacity=CAPACITY)
+    last = prefill(model, ids, cache)
+    want = press_logits(model, ids, 100, prefill_chunk_size=1)  # the eager press, token by token
+    torch.testing.assert_close(last.logits[0, -1], want[-1], atol=2e-5, rtol=0)
+    with pytest.raises(kvl.UnsupportedGenerationError, match="kvpress_lite.static.prefill"):
+        model(input_ids=ids[:, :50], use_cache=True,
+              **{model_cache_kwarg(model): StreamingCache(model, n_sink=N_SINK, capacity=CAPACITY)})
+
+
+@needs_5
+def test_generate_streams_through_the_static_cache():
+    model = tiny_model("llama", "sdpa")
+    prompt = ids_of(12, 3)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=120, min_new_tokens=120, do_sample=False,
+                  output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
+        want = model.generate(prompt, **kwargs)
+    cache = StreamingCache(model, n_sink=N_SINK, capacity=CAPACITY)
+    got = model.generate(prompt, **{model_cache_kwarg(model): cache}, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-5, rtol=0)
+    assert output_cache(got).layers[0].keys.shape[-2] == CAPACITY + 1  # fixed, however long the stream
+
+
+@needs_5
+def test_compiled_streaming_compiles_once_and_never_recompiles():
+    model = tiny_model("llama", "sdpa")
+    ids = ids_of(2_100, 4)
+    compiled_cache = StreamingCache(model, n_sink=N_SINK, capacity=CAPACITY)
+    eager_cache = StreamingCache(model, n_sink=N_SINK, capacity=CAPACITY)
+    forward, name = torch.compile(model.forward), model_cache_kwarg(model)
+    torch._dynamo.reset()
+    worst = 0.0
+    try:
+        with torch.no_grad():
+            for cache in (compiled_cache, eager_cache):
+                model(input_ids=ids[:, :8], use_cache=True, **{name: cache})  # the prompt runs eager
+            for t in range(8, ids.shape[1]):
+                if t == 40:  # warmed up (filling, then full): from here on a recompile is an error
+                    torch._dynamo.config.error_on_recompile = True
+                got = forward(input_ids=ids[:, t : t + 1], use_cache=True, **{name: compiled_cache}).logits
+                want = model(input_ids=ids[:, t : t + 1], use_cache=True, **{name: eager_cache}).logits
+                worst = max(worst, float((got - want).abs().max()))
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    from torch._dynamo.utils import counters
+
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for every single-token step
+    assert worst < 1e-4, worst
+    assert int(compiled_cache.get_seq_length()) == 2_100  # and the cache kept its capacity + 1 slots throughout
+
+
+def test_static_mode_is_refused_where_it_cannot_serve():
+    if not FIVE:
+        with pytest.raises(kvl.UnsupportedModelError, match="transformers >= 5"):
+            StreamingCache(tiny_model("llama"), capacity=CAPACITY)
+        return
+    with pytest.raises(kvl.UnsupportedModelError, match="absolute position tables"):
+        StreamingCache(tiny_model("gpt2"), capacity=CAPACITY)
+    with pytest.raises(kvl.UnsupportedModelError, match="ALiBi"):
+        StreamingCache(any_family("bloom", 2), capacity=CAPACITY)
+    with pytest.raises(kvl.UnsupportedModelError, match="sliding-window"):
+        StreamingCache(tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0,
+                                  layer_types=["sliding_attention", "full_attention"]), n_sink=2, capacity=16)
