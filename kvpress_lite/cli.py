@@ -1,4 +1,4 @@
-"""``kvpress-lite`` command line: ``adapters``, ``demo``, ``perplexity``, ``bench``.
+"""``kvpress-lite`` command line: ``adapters``, ``demo``, ``chat``, ``perplexity``, ``bench``.
 
 The command line is the edge of the library: it prints for people; the library logs.
 """
@@ -40,19 +40,21 @@ def _adapters(args: argparse.Namespace) -> int:
 
 
 def _demo_model(family: str, attn: str):
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+    """A random-weight model of any family the registry serves (6 layers, tiny sizes; eager attention
+    where the family has no sdpa)."""
+    from kvpress_lite.registry import support_for
+    from kvpress_lite.tiny import tiny_model
 
-    torch.manual_seed(0)
-    small = dict(vocab_size=512, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=4096)
-    if family == "gpt_neox":
-        config = GPTNeoXConfig(hidden_size=128, intermediate_size=512, rotary_pct=0.25, **small)
-    elif family == "llama":
-        config = LlamaConfig(hidden_size=128, intermediate_size=512, num_key_value_heads=2, **small)
-    else:
-        config = GPT2Config(vocab_size=512, n_embd=128, n_layer=4, n_head=4, n_positions=256)
-    config.bos_token_id = config.eos_token_id = config.pad_token_id = None
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    support = support_for(family)
+    if support.status != "accepted":
+        raise SystemExit(f"kvpress-lite demo: {family!r} is {support.status}: {support.detail}. "
+                         "`kvpress-lite adapters --all` lists every family and its status.")
+    try:
+        return tiny_model(family, num_layers=6, attn_implementation=attn)
+    except ValueError as exc:
+        if attn == "eager" or "attention implementation" not in str(exc):
+            raise
+        return tiny_model(family, num_layers=6, attn_implementation="eager")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -71,14 +73,14 @@ def _demo(args: argparse.Namespace) -> int:
           f"n_sink={args.n_sink}, capacity={args.capacity}, {args.tokens} tokens")
     print(f"{'tokens':>8} {'cache entries':>14} {'KV MiB':>8} {'RSS MiB':>9} {'ms/token':>9}")
     with kvl.apply_press(model, n_sink=args.n_sink, capacity=args.capacity) as press, torch.no_grad():
-        cache = DynamicCache()
+        cache = DynamicCache(config=model.config)
         token = torch.zeros(1, 1, dtype=torch.long)
         start, every = time.perf_counter(), max(1, args.tokens // 10)
         for step in range(1, args.tokens + 1):
             out = model(input_ids=token, use_cache=True, **{name: cache})
             token = out.logits[:, -1:].argmax(-1)
             if step % every == 0:
-                layers = cache.layers
+                layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
                 kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in layers)
                 ms = (time.perf_counter() - start) / every * 1000
                 print(f"{step:>8} {press.stats.cache_length[0]:>14} {kv / 2**20:>8.2f} "
@@ -102,16 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.set_defaults(func=_adapters)
 
     demo = sub.add_parser("demo", help="stream a random-weight model and print cache size and memory as it goes")
-    demo.add_argument("--family", choices=("gpt_neox", "llama", "gpt2"), default="llama")
+    demo.add_argument("--family", default="llama", help="any model_type the adapters serve (see `adapters --all`)")
     demo.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
     demo.add_argument("--tokens", type=int, default=2000)
     demo.add_argument("--n-sink", type=int, default=4)
     demo.add_argument("--capacity", type=int, default=128)
     demo.set_defaults(func=_demo)
 
+    from kvpress_lite import chat
     from kvpress_lite.bench import cli as bench_cli
     from kvpress_lite.evaluation import cli as eval_cli
 
+    chat.add_parser(sub)
     eval_cli.add_parser(sub)
     bench_cli.add_parser(sub)
     return parser
