@@ -6,9 +6,11 @@ Run::
     pytest benchmarks/test_micro.py --benchmark-json out.json
     KVPRESS_LITE_MICRO_MODELS=tiny-llama pytest benchmarks/test_micro.py --benchmark-disable   # smoke (the test suite)
 
-* ``test_compress`` / ``test_sink_window_indices``: the pure tensor functions of
-  :mod:`kvpress_lite.core` on one layer's cache at the moment of an eviction (capacity + 1
-  entries) and on a prompt chunk, at real model shapes.
+* ``test_trim``: what the press runs on one layer after a call, through its own path
+  (``stream.plan_call`` deciding with :mod:`kvpress_lite.core`, ``stream.apply_plan``
+  trimming, the RoPE scheme re-rotating the sinks): a decode step on a full cache (the ring:
+  one slot overwritten in place) and a prompt chunk (a gather), at real model shapes.
+* ``test_compress`` / ``test_sink_window_indices``: the pure core functions alone.
 * ``test_decode_step``: one decode step with and without the press at equal KV length: dense
   with ``capacity`` cached entries against the press full at ``capacity`` (both then attend to
   ``capacity + 1``). Models: ``KVPRESS_LITE_MICRO_MODELS`` (comma-separated names from
@@ -34,6 +36,34 @@ CORE_SHAPES = {
     "llama-2-7b@4097": ((1, 32, 4097, 128), 4096),
     "llama-1b-batch8@1025": ((8, 8, 1025, 64), 1024),
 }
+
+
+class _Layer:
+    """A cache layer as the press sees it after transformers' update: keys/values [b, h, seq, d]."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+
+@pytest.mark.parametrize("case", sorted(CORE_SHAPES))
+def test_trim(benchmark, case):
+    from kvpress_lite.positions import Rotary
+    from kvpress_lite.stream import Stream, apply_plan, plan_call
+
+    shape, capacity = CORE_SHAPES[case]
+    q = shape[2] - capacity  # new tokens on a full cache: 1 (a decode step, the ring) or a chunk (a gather)
+    scheme = Rotary(inv_freq=10000.0 ** (-torch.arange(0, shape[3], 2, dtype=torch.float64) / shape[3]))
+    keys, values = torch.randn(shape), torch.randn(shape)
+
+    def step():
+        stream = Stream(N_SINK, capacity, batch=shape[0], stored=capacity, real_seen=10 * capacity, sinks_fixed=True)
+        layer = _Layer(keys.clone() if q > 1 else keys, values.clone() if q > 1 else values)
+        plan = plan_call(stream, q, None)
+        apply_plan(plan, layer, 0, scheme, position_shift=True)
+        return layer
+
+    layer = benchmark(step)
+    assert layer.keys.shape[-2] == capacity
 
 
 @pytest.mark.parametrize("case", sorted(CORE_SHAPES))

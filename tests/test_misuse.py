@@ -152,3 +152,22 @@ def test_an_interrupted_chunked_prefill_leaves_no_state_behind():
         assert after.logits.shape[1] == 5
         torch.testing.assert_close(after.logits, fresh, atol=0, rtol=0)
         assert press.stats.cache_length == [5, 5]
+
+
+def test_a_batched_pipeline_gives_each_prompt_its_solo_output():
+    """pipeline(..., batch_size=3) left-pads a batch whose longest prompt overflows the cache and whose
+    short rows hold fewer real tokens than n_sink at the first eviction (issue 8): each row must read
+    exactly as when it runs alone."""
+    from transformers import pipeline
+
+    from test_chat import tiny_chat_model, tiny_tokenizer
+
+    model, tok = tiny_chat_model(), tiny_tokenizer()
+    tok.padding_side = "left"
+    prompts = ["a long prompt that overflows the sixteen-entry cache by far", "hi", "ok!"]
+    generate = pipeline("text-generation", model=model, tokenizer=tok)
+    kwargs = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False, return_full_text=False, pad_token_id=0)
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
+        solo = [generate(p, **kwargs)[0]["generated_text"] for p in prompts]
+        batched = [out[0]["generated_text"] for out in generate(prompts, batch_size=3, **kwargs)]
+    assert batched == solo

@@ -234,3 +234,41 @@ def test_the_config_is_tiny(model_type):
     config = tiny_config(model_type, 2)
     assert config.hidden_size == 64 and config.vocab_size == 128
     assert torch.finfo(tiny_model(model_type, 2).dtype).bits == 32
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_static_cache_matches_the_press(model_type):
+    """Every family the static (compiled) cache accepts streams exactly as under the eager press,
+    which the checks above tie to the dense references; the others are refused with a reason."""
+    from transformers import DynamicCache
+
+    from kvpress_lite.cache_access import model_cache_kwarg
+    from kvpress_lite.static import StreamingCache
+
+    try:
+        model = tiny_model(model_type, 2, "eager")
+    except Exception as exc:  # not buildable tiny: test_family records why
+        pytest.skip(f"{model_type} not built tiny: {exc}"[:200])
+    if registered().get(model.config.model_type) is None:
+        return  # refused by the registry: test_family checks that
+    try:
+        cache = StreamingCache(model, n_sink=N_SINK, capacity=CAPACITY)
+    except kvl.UnsupportedModelError as exc:
+        RESULTS.setdefault(model_type, {})["static"] = "refused: " + str(exc)[:120]
+        return
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(5))
+    name = model_cache_kwarg(model)
+
+    @torch.no_grad()
+    def stream(cache):
+        out = [model(input_ids=ids[:, :4], use_cache=True, **{name: cache}).logits[0, -1]]
+        for t in range(4, 30):
+            out.append(model(input_ids=ids[:, t : t + 1], use_cache=True, **{name: cache}).logits[0, -1])
+        return torch.stack(out)
+
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
+        want = stream(DynamicCache(config=model.config))
+    got = stream(cache)
+    scale = want.abs().max().clamp(min=1.0)
+    assert float((got - want).abs().max() / scale) < 1e-4
+    RESULTS.setdefault(model_type, {})["static"] = "exact"
