@@ -10,7 +10,8 @@ One run, methods interleaved step by step, medians, one torch thread:
 
 Random weights at a Llama shape (speed does not depend on weight values).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compiled.py --out benchmarks/results/compiled
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compiled.py --preset cpu --out benchmarks/results/compiled
+    python benchmarks/compiled.py --preset gpu-7b --out benchmarks/results/compiled-gpu   # on a CUDA machine
 """
 
 from __future__ import annotations
@@ -35,14 +36,29 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=512),
     "llama-40m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                       num_key_value_heads=4, vocab_size=8192),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000),
+}
+
+# GPU preset (issue 9): Llama-2-7B shape, bf16, CUDA graphs; the press at KV 4096 against dense
+# StaticCache at KV 4096 (equal) and at the stream's length (64k: what dense holds by then)
+PRESETS = {
+    "cpu": dict(shape="llama-40m", kv=1024, steps=200, long=4096, dense_long=0, device="cpu", dtype="float32",
+                mode="default"),
+    "gpu-7b": dict(shape="llama-2-7b", kv=4096, steps=200, long=8192, dense_long=65536, device="cuda",
+                   dtype="bfloat16", mode="reduce-overhead"),
+    "tiny": dict(shape="tiny", kv=64, steps=20, long=400, dense_long=512, device="cpu", dtype="float32",
+                 mode="default"),
 }
 
 
-def build(shape: str):
-    config = LlamaConfig(max_position_embeddings=1 << 16, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+def build(shape: str, device: str = "cpu", dtype: str = "float32"):
+    config = LlamaConfig(max_position_embeddings=1 << 17, bos_token_id=None, eos_token_id=None, pad_token_id=None,
                          **SHAPES[shape])
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=getattr(torch, dtype))
+    return model.eval()
 
 
 class Runner:
@@ -64,7 +80,7 @@ class Runner:
         start = time.perf_counter()
         with torch.no_grad():
             out = self.forward(input_ids=token, use_cache=True, **{self.name: self.cache})
-        out.logits.sum().item()
+        out.logits[0, -1, 0].item()  # waits for the device
         self.seen += 1
         return (time.perf_counter() - start) * 1000
 
@@ -79,37 +95,51 @@ def interleave(runners: dict, steps: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-40m")
-    parser.add_argument("--kv", type=int, default=1024, help="KV slots of every method compared at equal KV")
-    parser.add_argument("--steps", type=int, default=200, help="timed steps per comparison (medians)")
-    parser.add_argument("--long", type=int, default=4096, help="the longest stream of the compiled press")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--steps", type=int, help="timed steps per comparison (medians); default from the preset")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compiled"))
     args = parser.parse_args(argv)
+    preset = dict(PRESETS[args.preset])
+    if args.steps:
+        preset["steps"] = args.steps
     torch.set_num_threads(1)
-    model = build(args.shape)
-    kv, steps, sink = args.kv, args.steps, 4
-    tokens = torch.randint(0, model.config.vocab_size, (1, args.long + 2 * steps + 8),
-                           generator=torch.Generator().manual_seed(0))
-    forward = torch.compile(model.forward)
-    result = {"shape": args.shape, "kv": kv, "steps": steps, "machine": {
+    device = preset["device"]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("the gpu-7b preset needs a CUDA device")
+    model = build(preset["shape"], device, preset["dtype"])
+    kv, steps, sink = preset["kv"], preset["steps"], 4
+    tokens = torch.randint(0, model.config.vocab_size, (1, max(preset["long"], preset["dense_long"]) + 2 * steps + 8),
+                           generator=torch.Generator().manual_seed(0)).to(device)
+    forward = torch.compile(model.forward, mode=preset["mode"])
+    args.shape, args.long = preset["shape"], preset["long"]
+    result = {"preset": args.preset, **preset, "machine": {
         "cpu": platform.processor() or platform.machine(), "cores": psutil.cpu_count(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "threads": torch.get_num_threads()}}
+        "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None}}
     print(f"{args.shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, KV {kv}, {steps} steps each")
 
     # compiled press vs compiled dense at equal KV slots: the press full (kv slots), dense filled to kv - steps
     press = Runner(model, kvl.StreamingCache(model, n_sink=sink, capacity=kv - 1), forward, tokens)
     dense = Runner(model, StaticCache(config=model.config, max_cache_len=kv), forward, tokens)
+    dense_long = None
+    if preset["dense_long"]:  # dense at the stream's full length: what the press saves as the stream grows
+        dense_long = Runner(model, StaticCache(config=model.config, max_cache_len=preset["dense_long"]), forward, tokens)
     press.feed(kv)
     dense.feed(kv - steps - 4)
+    if dense_long is not None:
+        dense_long.feed(preset["dense_long"] - steps - 4)
     t0 = time.perf_counter()
-    for runner in (press, dense):  # warm-up: compile both graphs
+    for runner in (press, dense) + ((dense_long,) if dense_long else ()):  # warm-up: compile every graph
         runner.step(), runner.step()
     compile_s = time.perf_counter() - t0
     from torch._dynamo.utils import counters
 
     graphs_after_warmup = counters["stats"]["unique_graphs"]
     torch._dynamo.config.error_on_recompile = True
-    medians = interleave({"compiled press": press, "compiled dense": dense}, steps)
+    runners = {"compiled press": press, "compiled dense": dense}
+    if dense_long is not None:
+        runners[f"compiled dense at KV {preset['dense_long']}"] = dense_long
+    medians = interleave(runners, steps)
     result["compiled_equal_kv"] = medians
     print(f"compiled press {medians['compiled press']:.2f} ms, compiled dense {medians['compiled dense']:.2f} ms "
           f"(warm-up with compiles {compile_s:.0f} s)")
@@ -135,7 +165,7 @@ def main(argv=None) -> int:
         ms = press.step()
         if press.seen in (kv + 2 * steps + 100, args.long - 1):
             cost[press.seen] = statistics.median([ms] + [press.step() for _ in range(steps // 2)])
-            rss[press.seen] = process.memory_info().rss / 2**20
+            rss[press.seen] = (torch.cuda.memory_allocated() if device == "cuda" else process.memory_info().rss) / 2**20
     torch._dynamo.config.error_on_recompile = False
     short, long_ = sorted(cost)
     result["compiled_press_stream"] = {"ms_per_token": cost, "rss_mib": rss,
@@ -147,13 +177,16 @@ def main(argv=None) -> int:
         "compiled press / eager press (equal KV)": eager_medians["compiled press"] / eager_medians["eager press"],
         "eager press / eager dense (equal KV)": eager_medians["eager press"] / eager_medians["eager dense"],
         f"compiled press ms/token at {long_} / at {short}": cost[long_] / cost[short],
-        f"compiled press RSS at {long_} / at {short}": rss[long_] / rss[short],
+        f"compiled press memory at {long_} / at {short}": rss[long_] / rss[short],
+        **({f"compiled dense at KV {preset['dense_long']} / compiled press": medians[f"compiled dense at KV {preset['dense_long']}"] / medians["compiled press"]} if dense_long else {}),
         "recompiles after warm-up": counters["stats"]["unique_graphs"] - graphs_after_warmup,
     }
     result["ratios"] = ratios
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    lines = [f"# Compiled static-shape streaming, CPU ({args.shape}, KV {kv}, medians of {steps} interleaved steps)",
+    where = result["machine"]["gpu"] or "CPU"
+    lines = [f"# Compiled static-shape streaming, {where} ({args.shape}, {preset['dtype']}, KV {kv}, medians of "
+             f"{steps} interleaved steps)",
              "", f"Machine: {result['machine']}", "", "| ratio | value |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in ratios.items()]
     lines += ["", "| method | ms/token |", "| --- | ---: |"]
