@@ -104,6 +104,20 @@ def test_long_prompt_is_prefilled_in_chunks_with_bounded_memory(family, chunk):
     assert len(peak) == -(-200 // step)
 
 
+def padded_batch_logits(model, long_row, short_row, new_tokens, shift):
+    """generate() over the two rows left-padded into one batch, under a press of capacity 24;
+    the raw logits [steps, batch, vocab]."""
+    pad = long_row.shape[1] - short_row.shape[1]
+    batch = torch.cat([long_row, torch.cat([torch.zeros(1, pad, dtype=torch.long), short_row], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=24, position_shift=shift) as press:
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        assert press.stats.cache_length == [24, 24]
+    return torch.stack(out.logits)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("shift", [False, True])
 def test_left_padded_batch_rows_match_their_solo_runs(family, shift):
@@ -113,15 +127,7 @@ def test_left_padded_batch_rows_match_their_solo_runs(family, shift):
     with kvl.apply_press(model, n_sink=N_SINK, capacity=24, position_shift=shift):
         _, solo_long = generate(model, long_row, 40)
         _, solo_short = generate(model, short_row, 40)
-    pad = long_row.shape[1] - short_row.shape[1]
-    batch = torch.cat([long_row, torch.cat([torch.zeros(1, pad, dtype=torch.long), short_row], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :pad] = 0
-    with kvl.apply_press(model, n_sink=N_SINK, capacity=24, position_shift=shift) as press:
-        out = model.generate(batch, attention_mask=mask, max_new_tokens=40, min_new_tokens=40, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-        assert press.stats.cache_length == [24, 24]
-    logits = torch.stack(out.logits)  # [steps, batch, vocab]
+    logits = padded_batch_logits(model, long_row, short_row, 40, shift)  # [steps, batch, vocab]
     torch.testing.assert_close(logits[:, 0], solo_long, atol=1e-4, rtol=0)
     torch.testing.assert_close(logits[:, 1], solo_short, atol=1e-4, rtol=0)
 
@@ -226,12 +232,5 @@ def test_padded_rows_keep_their_own_sinks_when_the_batch_prompt_overflows(family
     long_row, short_row = torch.randint(0, 128, (1, 60), generator=gen), torch.randint(0, 128, (1, short_len), generator=gen)
     with kvl.apply_press(model, n_sink=N_SINK, capacity=24, position_shift=shift):
         _, solo_short = generate(model, short_row, 60)
-    pad = long_row.shape[1] - short_row.shape[1]
-    batch = torch.cat([long_row, torch.cat([torch.zeros(1, pad, dtype=torch.long), short_row], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :pad] = 0
-    with kvl.apply_press(model, n_sink=N_SINK, capacity=24, position_shift=shift) as press:
-        out = model.generate(batch, attention_mask=mask, max_new_tokens=60, min_new_tokens=60, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-        assert press.stats.cache_length == [24, 24]
-    torch.testing.assert_close(torch.stack(out.logits)[:, 1], solo_short, atol=1e-4, rtol=0)
+    logits = padded_batch_logits(model, long_row, short_row, 60, shift)
+    torch.testing.assert_close(logits[:, 1], solo_short, atol=1e-4, rtol=0)
