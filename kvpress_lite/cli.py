@@ -43,18 +43,13 @@ def _demo_model(family: str, attn: str):
     """A random-weight model of any family the registry serves (6 layers, tiny sizes; eager attention
     where the family has no sdpa)."""
     from kvpress_lite.registry import support_for
-    from kvpress_lite.tiny import tiny_model
+    from kvpress_lite.tiny import tiny_model_for_demo
 
     support = support_for(family)
     if support.status != "accepted":
         raise SystemExit(f"kvpress-lite demo: {family!r} is {support.status}: {support.detail}. "
                          "`kvpress-lite adapters --all` lists every family and its status.")
-    try:
-        return tiny_model(family, num_layers=6, attn_implementation=attn)
-    except ValueError as exc:
-        if attn == "eager" or "attention implementation" not in str(exc):
-            raise
-        return tiny_model(family, num_layers=6, attn_implementation="eager")
+    return tiny_model_for_demo(family, num_layers=6, attn_implementation=attn)
 
 
 def _demo(args: argparse.Namespace) -> int:

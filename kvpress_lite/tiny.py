@@ -418,3 +418,16 @@ def tiny_model(model_type: str, num_layers: int = 2, attn_implementation: str = 
     reinit_(model)
     model.eval()
     return model
+
+
+def tiny_model_for_demo(model_type: str, num_layers: int = 4, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """:func:`tiny_model`, falling back to eager attention for families without sdpa (BLOOM, MPT, ...).
+
+    >>> model = tiny_model_for_demo("bloom")   # doctest: +SKIP
+    """
+    try:
+        return tiny_model(model_type, num_layers, attn_implementation)
+    except ValueError as exc:
+        if attn_implementation == "eager" or "attention implementation" not in str(exc):
+            raise
+        return tiny_model(model_type, num_layers, "eager")

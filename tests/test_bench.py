@@ -130,3 +130,14 @@ def test_targets_from_synthetic_results():
     assert targets["vs re-computation"]["value"] == pytest.approx(25.0) and targets["vs re-computation"]["pass"] is True
     results["targets"] = list(targets.values())
     assert "FAIL" in to_markdown(results) and "PASS" in to_markdown(results)
+
+
+def test_bench_takes_any_served_family_at_a_tiny_shape():
+    from kvpress_lite.bench import shapes
+
+    spec = shapes.resolve("tiny:cohere")
+    model = shapes.build_model(spec, attn="sdpa")
+    assert model.config.model_type == "cohere" and model.config.num_hidden_layers == 4
+    assert shapes.build_model(shapes.resolve("tiny:bloom")).config._attn_implementation == "eager"  # no sdpa there
+    with pytest.raises(ValueError, match="tiny:<model_type>"):
+        shapes.resolve("no-such-model")

@@ -62,6 +62,7 @@ def _listing() -> str:
         f"  {name:8s} models {','.join(p.models)}; lengths {','.join(map(str, p.lengths))}; capacity {p.capacity}; "
         f"{p.device} {p.dtype}" for name, p in shapes.PRESETS.items())
     models = "\n".join(f"  {name:14s} {spec.description}" for name, spec in shapes.MODELS.items())
+    models += "\n  tiny:<type>    any model_type the adapters serve, at a tiny shape (kvpress-lite adapters --all)"
     return f"presets:\n{presets}\n\nmodels:\n{models}"
 
 

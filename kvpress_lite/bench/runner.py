@@ -79,9 +79,8 @@ class BenchConfig:
         return cls(**values)
 
     def validate(self) -> None:
-        unknown = [m for m in self.models if m not in shapes.MODELS]
-        if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; known: {sorted(shapes.MODELS)}")
+        for name in self.models:
+            shapes.resolve(name)  # raises, naming the known ones
         bad = [m for m in self.methods if m not in ALL_METHODS]
         if bad:
             raise ValueError(f"unknown method(s) {bad}; known: {list(ALL_METHODS)} (kvpress runs through --kvpress-python)")
@@ -366,7 +365,7 @@ def run_benchmark(cfg: BenchConfig, command: Optional[str] = None) -> dict:
     start = time.perf_counter()
     try:
         for name in cfg.models:
-            entry = run_model(shapes.MODELS[name], cfg, probe, status=lambda s: bar.set_postfix_str(s, refresh=True),
+            entry = run_model(shapes.resolve(name), cfg, probe, status=lambda s: bar.set_postfix_str(s, refresh=True),
                               advance=lambda: bar.update(1))
             results["models"].append(entry)
         bar.set_postfix_str("kvpress peer")

@@ -27,10 +27,10 @@ class ModelSpec:
     """One model to benchmark: a config (``family`` + ``config`` kwargs) or a loader (``loader``)."""
 
     name: str
-    family: str  # "gpt_neox" | "gpt2" | "llama"
+    family: str  # "gpt_neox" | "gpt2" | "llama", or any model_type for a "tiny:<model_type>" spec
     description: str
     config: dict = field(default_factory=dict)
-    loader: Optional[str] = None  # "smollm2": the real SmolLM2-135M; None: random weights from `config`
+    loader: Optional[str] = None  # "smollm2": the real SmolLM2-135M; "tiny": kvpress_lite.tiny; None: `config`
 
 
 _ROPE = {"rope_type": "default", "rope_theta": 10000.0}
@@ -131,6 +131,24 @@ PRESETS: dict[str, Preset] = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+TINY_PREFIX = "tiny:"
+
+
+def resolve(name: str) -> ModelSpec:
+    """A spec by name: one of :data:`MODELS`, or ``tiny:<model_type>`` for a small random model of
+    any family the adapters serve (built by :mod:`kvpress_lite.tiny`).
+
+    >>> resolve("tiny:qwen3").family
+    'qwen3'
+    """
+    if name in MODELS:
+        return MODELS[name]
+    if name.startswith(TINY_PREFIX):
+        family = name[len(TINY_PREFIX) :]
+        return ModelSpec(name, family, f"{family} at a tiny shape (random weights, kvpress_lite.tiny)", loader="tiny")
+    raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}, or tiny:<model_type> for any served family")
+
+
 def config_for(spec: ModelSpec) -> Any:
     """The transformers config of a synthetic spec."""
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
@@ -194,6 +212,10 @@ def build_model(
         if attn and getattr(model.config, "_attn_implementation", attn) != attn:
             model.config._attn_implementation = attn
         return model.to(device=device, dtype=torch_dtype).eval()
+    if spec.loader == "tiny":
+        from kvpress_lite.tiny import tiny_model_for_demo
+
+        return tiny_model_for_demo(spec.family, 4, attn).to(device=device, dtype=torch_dtype)
     if spec.loader is not None:
         raise ValueError(f"unknown loader {spec.loader!r}")
 
