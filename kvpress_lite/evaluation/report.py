@@ -150,9 +150,16 @@ def _table(header: list[str], rows: list[list[str]], text_cols: int) -> list[str
     return lines
 
 
+# Re-computation methods, the quality ceilings a method is measured against ("vs" columns):
+# recompute for a cache of C recent entries (window), recompute_sinks for S sinks + C - S
+# recent entries (sinks, sinks_noshift).
+CEILINGS = ("recompute", "recompute_sinks")
+
+
 def markdown_table(comparison: dict, metadata: Optional[dict] = None) -> str:
-    """Rows = methods; columns = overall perplexity, its distance to ``recompute`` (the
-    quality ceiling for the cache size, when it ran), perplexity per range, time.
+    """Rows = methods; columns = overall perplexity, its distance to each re-computation
+    method that ran (``vs recompute``, ``vs recompute_sinks``: the quality ceilings for
+    the cache size, without and with sinks), perplexity per range, time.
 
     The first table compares every method on the predictions that all of them scored
     (ranges where none was scored are left out). When some method scored a subset
@@ -165,7 +172,8 @@ def markdown_table(comparison: dict, metadata: Optional[dict] = None) -> str:
     results = comparison["results"]
     lines = []
     if meta:
-        lines.append(f"Model: {meta.get('model')}; text: {meta.get('text')}; "
+        bos = " (starting with the BOS token)" if meta.get("bos") else ""
+        lines.append(f"Model: {meta.get('model')}; text: {meta.get('text')}{bos}; "
                      f"{comparison['tokens']:,} tokens; cache {comparison['n_sink']}+"
                      f"{comparison['capacity'] - comparison['n_sink']} (n_sink={comparison['n_sink']}, "
                      f"capacity={comparison['capacity']}).")
@@ -183,13 +191,13 @@ def markdown_table(comparison: dict, metadata: Optional[dict] = None) -> str:
                  "s: seconds for the method; ms/call: per model call (per scored token for recompute).")
     lines.append("")
     shared = [k for k, r in enumerate(summary[methods[0]]["ranges"]) if r["count"] > 0]
-    ceiling = summary["recompute"]["ppl"] if "recompute" in methods else None
-    header = (["method", "budget", "ppl"] + (["vs recompute"] if ceiling else [])
+    ceilings = {m: summary[m]["ppl"] for m in CEILINGS if m in methods and summary[m]["ppl"]}
+    header = (["method", "budget", "ppl"] + [f"vs {m}" for m in ceilings]
               + [_range_label(summary[methods[0]]["ranges"][k]) for k in shared] + ["s", "ms/call"])
     rows = []
     for m in methods:
         s = summary[m]
-        rows.append([m, _budget(comparison, m), _fmt(s["ppl"])] + ([_relative(s["ppl"], ceiling)] if ceiling else [])
+        rows.append([m, _budget(comparison, m), _fmt(s["ppl"])] + [_relative(s["ppl"], c) for c in ceilings.values()]
                     + [_fmt(s["ranges"][k]["ppl"]) for k in shared]
                     + [f"{s['seconds']:.0f}", f"{s['ms_per_call']:.1f}"])
     lines += _table(header, rows, 2)
