@@ -41,6 +41,16 @@ REFUSED = {
     "for them": ("llama4_text",),
     "its sinusoidal RoPE is built from the sequence length, not from position_ids the press could hand": ("roformer",),
     "the causal-LM wrapper calls the decoder directly and takes no position_ids": ("trocr",),
+    "the decoder of an encoder-decoder model: kvpress-lite streams decoder-only causal LMs": (
+        "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "musicgen",
+        "musicgen_melody", "mvp", "pegasus", "plbart", "prophetnet", "whisper",
+    ),
+    "a multimodal or composite model, which the conformance suite cannot build as a stand-alone text decoder; "
+    "the text-only variant of the family is served where there is one (gemma3_text, gemma4_text, ...)": (
+        "blt", "dots3_note", "emu3", "fuyu", "gemma3", "gemma3n", "gemma4", "gemma4_unified",
+        "gemma4_unified_assistant", "gemma4_assistant", "git", "got_ocr2", "llama4", "mllama", "moshi",
+        "moss_transcribe_diarize", "phi4_multimodal", "qwen3_5", "qwen3_5_moe", "qwen4_exp",
+    ),
 }
 
 
