@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import cache_access
-from .adapter import Adapter, base_model
+from .adapter import Adapter
 from .chunking import ChunkedPrefill
 from .conversation import record_tokens, settings_of, skip_seen_tokens
 from .errors import UnsupportedGenerationError, UnsupportedModelError

@@ -80,7 +80,7 @@ def worker(config: dict) -> dict:
     from . import shapes
     from .measure import PeakMemory, library_versions, machine_info
     from .methods import Dense, ModelContext, Press, kvpress_streaming
-    from .runner import measure_length
+    from .side_by_side import measure_length
 
     try:
         import kvpress  # noqa: F401
