@@ -276,9 +276,6 @@ class Attachment:
     def _stream_for(self, cache: Any, batch: int, q: int, attention_mask: Optional[torch.Tensor]) -> Stream:
         stream = cache_access.stream_of(cache)
         layers = cache_access.cache_layers(cache)
-        for idx in self.layers.pressed + self.layers.sliding:
-            if idx < len(layers):
-                cache_access.layer_kind(layers[idx])
         if stream is not None:
             if stream.settings != self.settings:
                 raise UnsupportedGenerationError(
@@ -305,6 +302,9 @@ class Attachment:
                     "follow a batch that changes size mid-stream (beam search or batch reordering)"
                 )
             return stream
+        for idx in self.layers.pressed + self.layers.sliding:  # a static or quantized cache: refused before any layer
+            if idx < len(layers):                                # runs (later calls: the attention hooks check)
+                cache_access.layer_kind(layers[idx])
         existing = cache_access.cache_length(cache, self.layers.reference)
         capacity = self._capacity_for(q)
         if existing > capacity:

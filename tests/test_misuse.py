@@ -5,7 +5,6 @@ works exactly or is refused with what to do."""
 import copy
 import pickle
 import threading
-import warnings
 
 import numpy as np
 import pytest

@@ -13,7 +13,6 @@ import torch
 import kvpress_lite as kvl
 from kvpress_lite import registry
 from helpers import loop_logits
-from reference import reference_logits, streaming_visible
 from tiny_models import tiny_model
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
