@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .cache_access import base_model  # noqa: F401 - adapters import it from here
 from .errors import UnsupportedModelError
 from .positions import SchemeFactory
 
@@ -108,17 +109,6 @@ class Adapter:
             f"{self.cache_kwargs}; its parameters are {list(params)}. The adapter needs updating for this "
             "transformers release."
         )
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The decoder without its head (``model.model`` of a Llama, ``model.transformer`` of GPT-2).
-
-    Some causal LMs name a ``base_model_prefix`` they do not have (Gemma 3 text on
-    transformers 4.5x says ``language_model`` and holds ``model``): then ``model.model``."""
-    base = getattr(model, "base_model", model)
-    if base is model and isinstance(getattr(model, "model", None), nn.Module):
-        return model.model
-    return base
 
 
 def _walk(module: nn.Module, parts: list[str]) -> list[nn.Module]:

@@ -1,4 +1,4 @@
-"""The few facts about transformers' cache objects the press depends on, in one place.
+"""The few facts about transformers' cache and model objects the press depends on, in one place.
 
 Everything here is read off the live objects (attribute names, class names), never off
 version strings, so the press works from transformers 4.56 (the first release with
@@ -20,6 +20,17 @@ MODEL_CACHE_KWARGS = ("cache", "past_key_values")
 # size), never by its class name:
 FULL = "full"  # grows with every token: the press keeps sinks + window
 SLIDING = "sliding"  # keeps its own last `sliding_window - 1` entries: left to transformers
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder without its head (``model.model`` of a Llama, ``model.transformer`` of GPT-2).
+
+    Some causal LMs name a ``base_model_prefix`` they do not have (Gemma 3 text on
+    transformers 4.5x says ``language_model`` and holds ``model``): then ``model.model``."""
+    base = getattr(model, "base_model", model)
+    if base is model and isinstance(getattr(model, "model", None), nn.Module):
+        return model.model
+    return base
 
 
 def self_attention_cache(cache: Any) -> Any:

@@ -45,6 +45,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .cache_access import base_model
 from .core import rope_phase, rope_rotate, to_rotary_pairs, write_rotated
 from .errors import UnsupportedModelError
 
@@ -307,8 +308,6 @@ def rope_positions(
     """
 
     def positions(model: nn.Module) -> Rotary:
-        from .adapter import base_model
-
         config = model.config
         rotary = getattr(base_model(model), rotary_attr, None)
         if per_layer_type:
