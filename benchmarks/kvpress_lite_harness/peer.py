@@ -15,7 +15,7 @@ Building that environment (CPU; torch first and pinned, or pip fetches a CUDA bu
     .venv-kvpress/bin/pip install --no-deps -e .    # kvpress-lite itself: its adapters load through entry points
     kvpress-lite bench --kvpress-python .venv-kvpress/bin/python
 
-Run by hand: ``.venv-kvpress/bin/python -m kvpress_lite.bench.peer CONFIG_JSON OUT_JSON``.
+Run by hand: ``.venv-kvpress/bin/python -m kvpress_lite_harness.peer CONFIG_JSON OUT_JSON``.
 """
 
 from __future__ import annotations
@@ -37,16 +37,16 @@ PEER_FAMILIES = ("llama",)  # kvpress's supported classes include Llama; not GPT
 
 def run_peer(cfg) -> dict:
     """Run the kvpress worker under ``cfg.kvpress_python``; a dict saying why when skipped."""
-    from . import shapes
+    from . import models
 
     if not cfg.kvpress_python:
         return {"skipped": "no --kvpress-python given: NVIDIA kvpress needs its own environment (transformers<5.3); "
-                           "see kvpress_lite/bench/peer.py for how to build it"}
+                           "see benchmarks/kvpress_lite_harness/peer.py for how to build it"}
     python = Path(cfg.kvpress_python)
     if not python.exists():
         return {"skipped": f"--kvpress-python {python} does not exist"}
-    models = [m for m in cfg.peer_models if m in shapes.MODELS and shapes.MODELS[m].family in PEER_FAMILIES
-              and shapes.MODELS[m].loader is None]
+    models = [m for m in cfg.peer_models if m in models.MODELS and models.MODELS[m].family in PEER_FAMILIES
+              and models.MODELS[m].loader is None]
     if not models:
         return {"skipped": f"no peer model of a family kvpress supports among {cfg.peer_models} (Llama shapes only)"}
     lengths = list(cfg.peer_lengths) or [max(cfg.lengths)]
@@ -55,19 +55,19 @@ def run_peer(cfg) -> dict:
         "repeats": cfg.repeats, "device": cfg.device, "dtype": cfg.dtype, "attn": cfg.attn, "seed": cfg.seed,
         "threads": cfg.threads, "prefill_chunk": cfg.prefill_chunk,
     }
-    repo_root = Path(__file__).resolve().parents[2]
+    harness_root, repo_root = Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[2]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(repo_root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join([str(harness_root), str(repo_root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     with tempfile.TemporaryDirectory() as tmp:
         out_path = Path(tmp) / "peer.json"
-        cmd = [str(python), "-m", "kvpress_lite.bench.peer", json.dumps(worker_cfg), str(out_path)]
+        cmd = [str(python), "-m", "kvpress_lite_harness.peer", json.dumps(worker_cfg), str(out_path)]
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0 or not out_path.exists():
             tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
             return {"skipped": f"the kvpress worker failed (exit {proc.returncode}): {tail}", "command": cmd[:3]}
         result = json.loads(out_path.read_text())
-    result["command"] = " ".join([str(python), "-m", "kvpress_lite.bench.peer", "'<config json>'", "OUT"])
+    result["command"] = " ".join([str(python), "-m", "kvpress_lite_harness.peer", "'<config json>'", "OUT"])
     result["interpreter"] = str(python)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
@@ -77,10 +77,9 @@ def worker(config: dict) -> dict:
     """Measure the peer methods (runs under the kvpress interpreter)."""
     import torch
 
-    from . import shapes
-    from .measure import PeakMemory, library_versions, machine_info
+    from . import models
+    from .measure import PeakMemory, library_versions, machine_info, measure_length
     from .methods import Dense, ModelContext, Press, kvpress_streaming
-    from .side_by_side import measure_length
 
     try:
         import kvpress  # noqa: F401
@@ -94,17 +93,17 @@ def worker(config: dict) -> dict:
     out = {"machine": machine_info(config["device"]), "versions": library_versions(), "memory_probe": probe.method,
            "capacity": capacity, "n_sink": n_sink, "models": []}
     for name in config["models"]:
-        spec = shapes.MODELS[name]
+        spec = models.MODELS[name]
         entry = {"name": name, "notes": [], "methods": {}, "results": []}
         with torch.no_grad():
-            model = shapes.build_model(spec, config["device"], config["dtype"], config["attn"], config["seed"])
-            entry["shape"] = shapes.describe_shape(model)
+            model = models.build_model(spec, config["device"], config["dtype"], config["attn"], config["seed"])
+            entry["shape"] = models.describe_shape(model)
             budget = max(config["lengths"]) + (config["repeats"] + 4) * len(config["lengths"]) + 64
             ctx = ModelContext(model, config["device"], config["seed"], budget)
             builders = [
                 ("dense", lambda: Dense(ctx)),
                 ("dense_at_capacity", lambda: Dense(ctx, fixed_length=capacity)),
-                ("press", lambda: Press(ctx, n_sink, capacity, True, config.get("prefill_chunk"))),
+                ("sinks", lambda: Press(ctx, n_sink, capacity, True, config.get("prefill_chunk"))),
                 ("kvpress", lambda: kvpress_streaming(ctx, n_sink, capacity)),
             ]
             methods = []

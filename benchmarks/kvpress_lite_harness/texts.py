@@ -8,7 +8,7 @@ headers, footers and the word lists, and returns plain text.
 
 Example
 -------
->>> from kvpress_lite.evaluation.data import load_text, list_texts
+>>> from kvpress_lite_harness.texts import load_text, list_texts
 >>> list_texts()
 ['sherlock_holmes', 'history_of_the_united_states', 'manual_of_surgery', 'war_and_peace']
 >>> load_text("war_and_peace")[:13]

@@ -3,7 +3,7 @@
 For one model and one stream length the runner does
 
 1. a **memory phase**: one method at a time, it brings the method to that length
-   (``prepare``: the press streams for real, dense and window caches are filled, see
+   (``prepare``: the press streams for real, dense and sliding caches are filled, see
    :mod:`.methods`), resets the peak-memory probe, decodes one token and reads the peak and
    the KV bytes; nothing else of size is alive but the press streams (``capacity`` entries
    each). The step doubles as warm-up;
@@ -13,7 +13,9 @@ For one model and one stream length the runner does
 
 Then, per model, two more side-by-side phases: the press at the shortest and the longest
 length (a fresh stream for the short one) with dense at both, for the flat-cost target; and
-the press against re-computation at ``recompute_capacity``.
+the press against re-computation (keeping the sinks) at ``recompute_capacity``.
+
+Method names are those of :data:`.methods.VOCABULARY`.
 
 >>> cfg = BenchConfig.from_preset("tiny", lengths=[64], methods=["dense"])  # doctest: +SKIP
 >>> results = run_benchmark(cfg)                                            # doctest: +SKIP
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,15 +34,69 @@ from typing import Callable, Optional
 
 import torch
 
-from . import shapes
-from .measure import PeakMemory, library_versions, machine_info
-from .side_by_side import _error_text, measure_length
-from .methods import Dense, Method, ModelContext, Pinned, Press, Recompute, WindowOnly
+from . import models as shapes
+from .measure import PeakMemory, error_text, measure_length
+from .methods import Dense, Method, ModelContext, Pinned, Press, Recompute, SlidingCache
+from .report import run_metadata
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-ALL_METHODS = ("dense", "dense_at_capacity", "window", "press", "press_noshift", "recompute")
+SCHEMA_VERSION = 2  # 2: one method vocabulary (press -> sinks, window -> sliding_cache, recompute -> recompute_sinks)
+ALL_METHODS = ("dense", "dense_at_capacity", "sliding_cache", "window", "sinks", "sinks_noshift", "recompute",
+               "recompute_sinks")
+DEFAULT_METHODS = ("dense", "dense_at_capacity", "sliding_cache", "sinks", "sinks_noshift", "recompute_sinks")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Defaults of one benchmark run; every field can be overridden on the command line."""
+
+    models: tuple[str, ...]
+    lengths: tuple[int, ...]
+    capacity: int
+    recompute_capacity: int  # 0: skip the press-vs-recompute comparison
+    device: str = "cpu"
+    dtype: str = "float32"
+    repeats: int = 5
+    recompute_repeats: int = 2
+    peer_models: tuple[str, ...] = ()
+    peer_lengths: tuple[int, ...] = ()
+
+
+PRESETS: dict[str, Preset] = {
+    # about 15 minutes on 2 CPU cores
+    "default": Preset(
+        models=("pythia-160m", "gpt2-small", "llama-1b", "smollm2-135m"),
+        lengths=(512, 1024, 2048, 4096, 8192),
+        capacity=256,
+        recompute_capacity=1024,
+        peer_models=("llama-1b",),
+        peer_lengths=(2048,),
+    ),
+    # seconds: the same code path as the others on toy shapes (tests, CPU check of the GPU path)
+    "tiny": Preset(
+        models=("tiny-gpt-neox", "tiny-gpt2", "tiny-llama"),
+        lengths=(64, 128),
+        capacity=32,
+        recompute_capacity=64,
+        repeats=3,
+        peer_models=("tiny-llama",),
+        peer_lengths=(96,),
+    ),
+    # one GPU with >= 40 GB: dense at 32k holds 17 GB of bf16 KV next to 13.5 GB of weights
+    "gpu-7b": Preset(
+        models=("llama-2-7b",),
+        lengths=(1024, 2048, 4096, 8192, 16384, 32768),
+        capacity=1024,
+        recompute_capacity=4096,
+        device="cuda",
+        dtype="bfloat16",
+        repeats=10,
+        recompute_repeats=5,
+        peer_models=("llama-2-7b",),
+        peer_lengths=(8192,),
+    ),
+}
 
 
 @dataclass
@@ -50,7 +107,7 @@ class BenchConfig:
     lengths: list[int]
     capacity: int = 256
     n_sink: int = 4
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     repeats: int = 5
     recompute_repeats: int = 2
     recompute_capacity: int = 1024
@@ -68,7 +125,7 @@ class BenchConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "BenchConfig":
-        preset = shapes.PRESETS[name]
+        preset = PRESETS[name]
         values = dict(
             models=list(preset.models), lengths=list(preset.lengths), capacity=preset.capacity,
             recompute_capacity=preset.recompute_capacity, device=preset.device, dtype=preset.dtype,
@@ -101,22 +158,24 @@ def _make_methods(ctx: ModelContext, cfg: BenchConfig, notes: list) -> list[Meth
     builders = {
         "dense": lambda: Dense(ctx),
         "dense_at_capacity": lambda: Dense(ctx, fixed_length=cfg.capacity),
-        "window": lambda: WindowOnly(ctx, cfg.capacity),
-        "press": lambda: Press(ctx, cfg.n_sink, cfg.capacity, True, cfg.prefill_chunk),
-        "press_noshift": lambda: Press(ctx, cfg.n_sink, cfg.capacity, False, cfg.prefill_chunk),
-        "recompute": lambda: Recompute(ctx, cfg.n_sink, cfg.capacity),
+        "sliding_cache": lambda: SlidingCache(ctx, cfg.capacity),
+        "window": lambda: Press(ctx, 0, cfg.capacity, True, cfg.prefill_chunk),
+        "sinks": lambda: Press(ctx, cfg.n_sink, cfg.capacity, True, cfg.prefill_chunk),
+        "sinks_noshift": lambda: Press(ctx, cfg.n_sink, cfg.capacity, False, cfg.prefill_chunk),
+        "recompute": lambda: Recompute(ctx, 0, cfg.capacity),
+        "recompute_sinks": lambda: Recompute(ctx, cfg.n_sink, cfg.capacity),
     }
     methods = []
     for name in cfg.methods:
         try:
             method = builders[name]()
         except Exception as exc:  # noqa: BLE001 - e.g. the press refusing a model
-            notes.append(f"{name}: could not be set up: {_error_text(exc)}")
+            notes.append(f"{name}: could not be set up: {error_text(exc)}")
             continue
-        if isinstance(method, WindowOnly) and method.ignored:
+        if isinstance(method, SlidingCache) and method.ignored:
             notes.append(
-                f"window: this family's DynamicCache ignores config.sliding_window (layers: {method.layer_types}); "
-                "the 'window' numbers are dense numbers"
+                f"sliding_cache: this family's DynamicCache ignores config.sliding_window (layers: {method.layer_types}); "
+                "its numbers are dense numbers"
             )
         methods.append(method)
     return methods
@@ -152,14 +211,14 @@ def run_model(spec: shapes.ModelSpec, cfg: BenchConfig, probe: Optional[PeakMemo
         ctx = ModelContext(model, cfg.device, cfg.seed, _stream_budget(cfg))
         methods = _make_methods(ctx, cfg, entry["notes"])
         entry["methods"] = {m.name: {"label": m.label, "how": m.how} for m in methods}
-        repeats = {m.name: (cfg.recompute_repeats if m.name == "recompute" else cfg.repeats) for m in methods}
+        repeats = {m.name: (cfg.recompute_repeats if isinstance(m, Recompute) else cfg.repeats) for m in methods}
         try:
             for length in cfg.lengths:
                 cells = measure_length(methods, length, repeats, cfg.device, probe,
                                        lambda s: status(f"{spec.name} {s}"))
                 entry["results"].extend(cells.values())
                 advance()
-            press = next((m for m in methods if m.name == "press"), None)
+            press = next((m for m in methods if m.name == "sinks"), None)
             if press is not None and len(cfg.lengths) > 1:
                 entry["flat_cost_side_by_side"] = _flat_cost_side_by_side(ctx, cfg, press, spec.name, status)
             for m in methods:
@@ -172,7 +231,7 @@ def run_model(spec: shapes.ModelSpec, cfg: BenchConfig, probe: Optional[PeakMemo
         finally:
             for m in methods:
                 m.close()
-        if cfg.recompute_capacity and {"press", "recompute"} <= set(cfg.methods):
+        if cfg.recompute_capacity and {"sinks", "recompute_sinks"} <= set(cfg.methods):
             entry["recompute_vs_press"] = _recompute_vs_press(ctx, cfg, status_prefix=spec.name, status=status)
         advance()
     entry["seconds"] = round(time.perf_counter() - start, 1)
@@ -194,13 +253,13 @@ def _flat_cost_side_by_side(ctx: ModelContext, cfg: BenchConfig, press: Press, p
     methods: list[Method] = []
     try:
         fresh = Press(ctx, cfg.n_sink, cfg.capacity, True, cfg.prefill_chunk)
-        methods = [Pinned(fresh, lo, f"press@{lo}"), Pinned(press, hi, f"press@{hi}"),
+        methods = [Pinned(fresh, lo, f"sinks@{lo}"), Pinned(press, hi, f"sinks@{hi}"),
                    Pinned(Dense(ctx), lo, f"dense@{lo}"), Pinned(Dense(ctx), hi, f"dense@{hi}")]
         repeats = {m.name: cfg.repeats for m in methods}
         out["cells"] = measure_length(methods, hi, repeats, cfg.device, None,
                                       lambda s: status(f"{prefix} flat cost {lo} vs {hi}: {s}"))
     except Exception as exc:  # noqa: BLE001
-        out["error"] = _error_text(exc)
+        out["error"] = error_text(exc)
     finally:
         if methods:
             methods[0].close()
@@ -216,13 +275,13 @@ def _recompute_vs_press(ctx: ModelContext, cfg: BenchConfig, status_prefix: str,
     methods: list[Method] = []
     try:
         methods = [Press(ctx, cfg.n_sink, capacity, True, cfg.prefill_chunk), Recompute(ctx, cfg.n_sink, capacity)]
-        repeats = {"press": cfg.repeats, "recompute": cfg.recompute_repeats}
+        repeats = {"sinks": cfg.repeats, "recompute_sinks": cfg.recompute_repeats}
         cells = measure_length(methods, length, repeats, cfg.device, None,
                                lambda s: status(f"{status_prefix} capacity {capacity}: {s}"))
         out["cells"] = cells
         out["how"] = {m.name: m.how for m in methods}
     except Exception as exc:  # noqa: BLE001
-        out["error"] = _error_text(exc)
+        out["error"] = error_text(exc)
     finally:
         for m in methods:
             m.close()
@@ -234,31 +293,24 @@ def run_benchmark(cfg: BenchConfig, command: Optional[str] = None) -> dict:
     """Run the benchmark described by ``cfg`` and return the results (a JSON-ready dict)."""
     from tqdm import tqdm
 
-    from .report import compute_targets
+    from .latency_report import ratios
+    from .peer import run_peer
 
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     probe = PeakMemory(cfg.device)
-    results = {
-        "schema": SCHEMA_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": command,
-        "machine": machine_info(cfg.device),
-        "versions": library_versions(),
-        "config": dataclasses.asdict(cfg),
-        "memory_probe": probe.method,
-        "timing": (
-            "time.perf_counter around one model call per decoded token"
-            + (" with torch.cuda.synchronize before and after" if cfg.device.startswith("cuda") else "")
-            + f"; median over {cfg.repeats} steps ({cfg.recompute_repeats} for re-computation), methods interleaved "
-            "with the order rotated each round; one untimed warm-up step per method and length (the memory step)"
-        ),
-        "models": [],
-        "peer": None,
-        "targets": [],
-    }
-    results["config"].pop("progress", None)
+    config = dataclasses.asdict(cfg)
+    config.pop("progress", None)
+    timing = (
+        "time.perf_counter around one model call per decoded token"
+        + (" with torch.cuda.synchronize before and after" if cfg.device.startswith("cuda") else "")
+        + f"; median over {cfg.repeats} steps ({cfg.recompute_repeats} for re-computation), methods interleaved "
+        "with the order rotated each round; one untimed warm-up step per method and length (the memory step)"
+    )
+    results = {"schema": SCHEMA_VERSION, "kind": "latency",
+               "metadata": run_metadata(cfg.device, command, config=config, memory_probe=probe.method, timing=timing),
+               "models": [], "peer": None, "ratios": []}
     total = len(cfg.models) * (len(cfg.lengths) + 1)
     bar = tqdm(total=total, desc="kvpress-lite bench", unit="step", disable=not cfg.progress, file=sys.stderr,
                dynamic_ncols=True)
@@ -269,22 +321,10 @@ def run_benchmark(cfg: BenchConfig, command: Optional[str] = None) -> dict:
                               advance=lambda: bar.update(1))
             results["models"].append(entry)
         bar.set_postfix_str("kvpress peer")
-        from .peer import run_peer
-
         results["peer"] = run_peer(cfg)
     finally:
         bar.close()
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    try:
-        import os
-
-        results["machine"]["load_average_end"] = list(os.getloadavg())
-    except OSError:
-        pass
-    try:
-        results["targets"] = compute_targets(results)
-    except Exception as exc:  # noqa: BLE001 - a report bug must not lose a long run's measurements
-        logger.exception("computing the targets failed")
-        results["targets_error"] = _error_text(exc)
+    results["metadata"]["seconds"] = round(time.perf_counter() - start, 1)
+    results["metadata"]["machine"]["load_average_end"] = list(os.getloadavg())
+    results["ratios"] = ratios(results)
     return results
-

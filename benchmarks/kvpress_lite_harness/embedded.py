@@ -37,7 +37,7 @@ environment without it).
 
 Example
 -------
->>> from kvpress_lite.evaluation.models import load_default_model, load_model
+>>> from kvpress_lite_harness.embedded import load_default_model, load_model
 >>> model, tokenizer = load_default_model()          # doctest: +SKIP
 >>> model, tokenizer = load_model("gemma3-270m")     # doctest: +SKIP
 >>> model, tokenizer = load_model("path/to/hf-folder")  # doctest: +SKIP
