@@ -77,7 +77,7 @@ def markdown(comparison: dict) -> str:
                      f"{comparison['capacity'] - comparison['n_sink']} (n_sink={comparison['n_sink']}, "
                      f"capacity={comparison['capacity']}).")
         wall = f"; wall time {meta['wall_seconds'] / 60:.1f} min" if meta.get("wall_seconds") else ""
-        jobs = f"; {meta['jobs']} worker processes of {meta.get('torch_threads')} thread(s)" if (meta.get("jobs") or 1) > 1 else ""
+        jobs = f"; {meta['jobs']} worker processes" if (meta.get("jobs") or 1) > 1 else ""
         lines.append(f"Machine: {machine_line(meta)}{jobs}{wall}.")
     lines.append(f"Perplexity over the {comparison['scored_by_all']:,} predictions every method scored"
                  + _subset(comparison)

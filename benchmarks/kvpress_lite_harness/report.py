@@ -41,8 +41,9 @@ def run_metadata(device: str = "cpu", command: Optional[str] = None, **settings:
 def machine_line(metadata: dict) -> str:
     """``"AMD EPYC 7B13, 2 logical CPUs, 1 torch thread(s), 23.5 GiB RAM; torch 2.13.0, transformers 5.24.0, ..."``"""
     m, v = metadata.get("machine", {}), metadata.get("versions", {})
-    cpus = m.get('logical_cpus', m.get('cores'))  # 'cores': files written before the harness was one
-    where = f"{m.get('cpu')}, {cpus} logical CPUs, {m.get('torch_threads', metadata.get('torch_threads'))} torch thread(s)"
+    cpus = m.get("logical_cpus", m.get("cores"))  # 'cores': files written before the harness was one
+    threads = metadata.get("torch_threads", m.get("torch_threads"))  # a run's own setting first (its workers')
+    where = f"{m.get('cpu')}, {cpus} logical CPUs, {threads} torch thread(s)"
     if m.get("memory_bytes"):
         where += f", {human_bytes(m['memory_bytes'])} RAM"
     if m.get("gpu"):
