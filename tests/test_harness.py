@@ -147,3 +147,22 @@ def test_latency_methods_name_themselves_as_the_vocabulary_says():
     finally:
         for m in built:
             m.close()
+
+
+def test_one_registry_names_shapes_tiny_families_embedded_models_and_local_folders(tmp_path, capsys):
+    from kvpress_lite.cli import main
+    from kvpress_lite_harness import models
+    from tiny_models import tiny_model
+
+    assert models.resolve("default") is models.MODELS["smollm2-135m"]
+    assert models.resolve("gemma3").name == "gemma3-270m"
+    assert models.resolve("tiny:olmo2").loader == "tiny"
+    tiny_model("llama").save_pretrained(tmp_path / "mine")
+    spec = models.resolve(str(tmp_path / "mine"))
+    assert spec.loader == "embedded" and spec.family == "local"
+    assert models.build_model(spec).config.model_type == "llama"  # what bench builds from a user's folder
+    with pytest.raises(ValueError, match="local Hugging Face model folder"):
+        models.resolve(str(tmp_path / "missing"))
+    # a random-weight shape has no tokenizer: perplexity says so instead of failing inside
+    with pytest.raises(SystemExit, match="no tokenizer"):
+        main(["perplexity", "--model", "tiny-llama", "--out", str(tmp_path)])

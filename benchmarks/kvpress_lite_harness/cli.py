@@ -110,7 +110,8 @@ def add_perplexity(subparsers) -> argparse.ArgumentParser:
                     "nothing is downloaded.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="default",
-                   help="'default' (SmolLM2-135M-Instruct), 'gemma3-270m', a local HF model folder or a .gguf file")
+                   help="'default' (SmolLM2-135M-Instruct), 'gemma3-270m', a local HF model folder or a .gguf file "
+                        "(any name of `kvpress-lite bench --list` with a tokenizer)")
     p.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
                    help="start the text with the BOS token: 'auto' does so for models trained that way (Gemma)")
     p.add_argument("--text", default="war_and_peace",
@@ -147,7 +148,8 @@ def run_perplexity(args: argparse.Namespace) -> int:
     """Load model and text, compare the methods, write the files, print the table."""
     import torch
 
-    from .embedded import load_model, model_display_name, needs_bos
+    from .embedded import model_display_name, needs_bos
+    from .models import load
     from .perplexity import compare_methods, tokenize_prefix
     from .perplexity_report import markdown, plot
     from .texts import load_text
@@ -161,7 +163,10 @@ def run_perplexity(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load(args.model)
+    if tokenizer is None:
+        raise SystemExit(f"kvpress-lite perplexity: {args.model!r} has random weights and no tokenizer; score real "
+                         "text with an embedded model (default, gemma3-270m) or a local model folder")
     if args.attn_implementation != "model":
         model.set_attn_implementation(args.attn_implementation)
     text_name = Path(args.text).stem if Path(args.text).suffix else args.text
@@ -221,6 +226,7 @@ def _listing() -> str:
         f"{p.device} {p.dtype}" for name, p in latency.PRESETS.items())
     names = "\n".join(f"  {name:14s} {spec.description}" for name, spec in models.MODELS.items())
     names += "\n  tiny:<type>    any model_type the adapters serve, at a tiny shape (kvpress-lite adapters --all)"
+    names += "\n  PATH           a local Hugging Face model folder or .gguf file (real weights)"
     return f"presets:\n{presets}\n\nmodels:\n{names}"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -108,7 +109,25 @@ def resolve(name: str) -> ModelSpec:
     if name.startswith(TINY_PREFIX):
         family = name[len(TINY_PREFIX) :]
         return ModelSpec(name, family, f"{family} at a tiny shape (random weights, kvpress_lite.tiny)", loader="tiny")
-    raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}, or tiny:<model_type> for any served family")
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file() or (path.is_file() and path.suffix == ".gguf"):
+        return ModelSpec(name, "local", f"{path.name} (local, real weights)", loader="embedded")
+    raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}, tiny:<model_type> for any served family, "
+                     "or a local Hugging Face model folder / .gguf file")
+
+
+def load(name: str) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)`` for a name :func:`resolve` knows; the tokenizer is None for the
+    random-weight shapes, which have none.
+
+    >>> model, tokenizer = load("default")   # doctest: +SKIP
+    """
+    spec = resolve(name)
+    if spec.loader == "embedded":
+        from .embedded import load_model
+
+        return load_model(spec.name)
+    return build_model(spec), None
 
 
 def config_for(spec: ModelSpec) -> Any:
