@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml benchmarks/pyproject.toml Makefile
 
 eval: setup
 	# 2,048 tokens, re-computation on every 8th token, 2 worker processes: ~10 min on 2 cores
-	$(BIN)/kvpress-lite perplexity --out-dir results/perplexity
+	$(BIN)/kvpress-lite perplexity --out results/perplexity
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q

@@ -166,3 +166,34 @@ def test_one_registry_names_shapes_tiny_families_embedded_models_and_local_folde
     # a random-weight shape has no tokenizer: perplexity says so instead of failing inside
     with pytest.raises(SystemExit, match="no tokenizer"):
         main(["perplexity", "--model", "tiny-llama", "--out", str(tmp_path)])
+
+
+def _documented_commands() -> list[str]:
+    """Every `kvpress-lite ...` command line the README, the benchmarks README and the Makefile show."""
+    import re
+
+    found = []
+    for doc in (ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "Makefile"):
+        text = doc.read_text().replace("\\\n", " ").replace("$(BIN)/", "")
+        for line in text.splitlines():
+            match = re.match(r"\s*(kvpress-lite \S.*)", line)
+            if match:
+                found.append(match.group(1).split(" #")[0].strip())
+    return found
+
+
+def test_every_documented_command_line_parses():
+    import shlex
+
+    from kvpress_lite.cli import build_parser
+
+    commands = _documented_commands()
+    assert len(commands) >= 15
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        if "--help" in argv:
+            continue
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as exc:
+            raise AssertionError(f"documented command does not parse: {command}") from exc

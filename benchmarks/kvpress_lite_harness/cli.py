@@ -70,7 +70,8 @@ def _methods(known: tuple) -> Callable[[str], list[str]]:
 # -- shared output options -----------------------------------------------------------------
 def _output_arguments(p: argparse.ArgumentParser, out: str, name: str) -> None:
     o = p.add_argument_group("output")
-    o.add_argument("--out", default=out, metavar="DIR", help="folder of the files (default: %(default)s)")
+    o.add_argument("--out", "--out-dir", dest="out", default=out, metavar="DIR",
+                   help="folder of the files (default: %(default)s)")
     o.add_argument("--name", default=name, metavar="STEM", help="file stem in --out (default: %(default)s)")
     o.add_argument("--json", metavar="PATH", help="JSON path instead of DIR/STEM.json ('-': stdout)")
     o.add_argument("--markdown", metavar="PATH", help="markdown path instead of DIR/STEM.md ('-': stdout)")
