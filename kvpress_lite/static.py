@@ -1,10 +1,10 @@
 """Static-shape streaming: a fixed-size cache that ``torch.compile`` compiles once.
 
 :class:`StreamingCache` is a transformers ``Cache`` whose layers own the eviction: each
-holds ``capacity + 1`` slots whose shape and address never change, written in place. No
-press hooks run; every per-step quantity (the tokens seen, the slot written, the sinks'
-shift) is a tensor, so a compiled ``model.forward`` never branches on the stream and never
-recompiles, however long the stream runs.
+holds ``capacity + 1`` slots whose shape and address never change, written in place. The
+press's hooks do not run; every per-step quantity (the tokens seen, the slot written, the sinks'
+shift, the position offset) is a tensor, so a compiled ``model.forward`` never branches on
+the stream and never recompiles, however long the stream runs.
 
 Semantics are the eager press's, token by token: a new token attends to the sinks, the
 ``capacity - n_sink`` tokens before it and itself (``capacity + 1`` entries), at positions
@@ -13,6 +13,16 @@ of ``capacity - n_sink + 1`` window slots; a new token overwrites the entry the 
 evicted after the previous step. Once full, the causal mask's query offset stays at
 ``capacity`` so every slot is visible. RoPE sinks are rotated forward by the tokens evicted
 so far from a float64 copy of their first encoding, as in the eager press.
+
+Positions: transformers computes RoPE angles in float32 from the positions it is handed, so
+positions that grow with the stream lose the angles' precision (0.1 in the logits of a tiny
+Llama a million tokens in, noise past 2**24). One forward pre-hook on the decoder (inert for
+any other cache) hands the model stream positions minus an offset that the cache moves on by
+``capacity + 1`` whenever the newest token would pass ``2 * capacity``, rotating the window's
+keys back by as much (:func:`_rebase`). The model never sees a position past
+``2 * capacity``: the logits a billion tokens in are those of the stream's first tokens. The
+rebase is an operator of its own, which a compiled step calls as one opaque node: the graph
+stays one, and the steps between rebases cost one comparison.
 
 Scope: transformers >= 5 (the cache gives the mask its query offset), families whose
 position scheme supports it (RoPE; not learned tables or ALiBi, which need the press's
@@ -35,7 +45,7 @@ from torch import nn
 
 from . import cache_access
 from .adapter import Adapter
-from .core import validate_budget
+from .core import rope_rotate, validate_budget
 from .errors import UnsupportedGenerationError, UnsupportedModelError
 
 
@@ -58,21 +68,23 @@ def _layer_class():
 
         is_croppable = False
 
-        def __init__(self, layer_idx: int, n_sink: int, capacity: int, scheme: Any) -> None:
+        def __init__(self, layer_idx: int, n_sink: int, capacity: int, scheme: Any, offset: torch.Tensor) -> None:
             super().__init__(max_cache_len=capacity + 1)
             self.layer_idx, self.n_sink, self.capacity, self.scheme = layer_idx, n_sink, capacity, scheme
             self.rotary = scheme.static_rotary(layer_idx)  # None, or (start, dims, interleaved, inv_freq)
+            self.offset = offset  # the cache's: the model is handed stream positions minus this
 
         def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
             super().lazy_initialization(key_states, value_states)
-            if self.rotary is not None and self.n_sink:
+            if self.rotary is not None:
                 start, dims, interleaved, inv_freq = self.rotary
+                self.inv_freq = inv_freq.to(device=self.device, dtype=torch.float64)
+            if self.rotary is not None and self.n_sink:
                 batch, heads = key_states.shape[:2]
                 # [batch, heads, n_sink, dims/2] x2, float64: the sinks' rotary pairs as first encoded
                 self.sink_real = torch.zeros(batch, heads, self.n_sink, dims // 2, dtype=torch.float64,
                                              device=self.device)
                 self.sink_imag = torch.zeros_like(self.sink_real)
-                self.inv_freq = inv_freq.to(device=self.device, dtype=torch.float64)
                 if not torch.compiler.is_compiling():
                     for buffer in (self.sink_real, self.sink_imag):
                         torch._dynamo.mark_static_address(buffer)
@@ -124,7 +136,8 @@ def _layer_class():
                     first, count = int(seen), max(0, min(n_sink - int(seen), q))
                     self.sink_real[:, :, first : first + count] = real[:, :, :count]
                     self.sink_imag[:, :, first : first + count] = imag[:, :, :count]
-                self._write_sinks((seen + q - 1 - capacity).clamp(min=0))
+                # the newest token sits at seen + q - 1 - offset: the sinks go `capacity` positions before it
+                self._write_sinks((seen + q - 1 - self.offset - capacity).clamp(min=0))
             self.cumulative_length.add_(q)
             return self.keys, self.values
 
@@ -167,17 +180,90 @@ def streaming_cache_class():
                         "use the eager press (apply_press)"
                     )
                 self.n_sink, self.capacity = n_sink, capacity
-                super().__init__(layers=[StreamingLayer(i, n_sink, capacity, scheme) for i in range(max(indices) + 1)])
+                # the model is handed stream positions minus `offset`: a 0-dim tensor, moved in place
+                self.offset = torch.zeros((), dtype=torch.long, device=next(iter(model.parameters())).device)
+                torch._dynamo.mark_static_address(self.offset)
+                super().__init__(layers=[StreamingLayer(i, n_sink, capacity, scheme, self.offset)
+                                         for i in range(max(indices) + 1)])
+                _hand_positions_in(chosen.decoder(model))
 
             def get_query_offset(self, layer_idx: int = 0):
                 # once full the query sits past every slot: all capacity + 1 entries are visible
                 return self.layers[layer_idx].cumulative_length.clamp(max=self.capacity)
+
+            def position_ids(self, q: int, given: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+                """What the model is handed for a call of ``q`` tokens: their stream positions
+                (``given``, e.g. generate()'s, or the next ``q`` of the stream) minus :attr:`offset`.
+
+                Re-basing first (see :func:`_rebase`): the positions stay below ``2 * capacity + 1``
+                however long the stream runs, so the model's float32 RoPE angles stay as exact as in
+                a stream's first tokens."""
+                seen = self.layers[0].cumulative_length
+                rotary = [layer for layer in self.layers if layer.rotary is not None and layer.is_initialized]
+                torch.ops.kvpress_lite.rebase_streaming_cache(
+                    [layer.keys for layer in rotary], [layer.inv_freq for layer in rotary],
+                    [layer.rotary[0] for layer in rotary], self.offset, seen, q, self.n_sink, self.capacity,
+                    bool(rotary and rotary[0].rotary[2]))
+                if given is None:
+                    return (torch.arange(q, device=device) + (seen - self.offset).to(device)).unsqueeze(0)
+                return given - self.offset.to(given.device)
+
+            def reset(self) -> None:
+                super().reset()
+                self.offset.zero_()
 
         _STREAMING_CACHE = StreamingCache
     return _STREAMING_CACHE
 
 
 _STREAMING_CACHE = None
+
+
+@torch.library.custom_op("kvpress_lite::rebase_streaming_cache", mutates_args=("keys", "offset"),
+                         tags=(torch.Tag.cudagraph_unsafe,))
+def _rebase(keys: list[torch.Tensor], inv_freqs: list[torch.Tensor], starts: list[int], offset: torch.Tensor,
+            seen: torch.Tensor, q: int, n_sink: int, capacity: int, interleaved: bool) -> None:
+    """Before a call of ``q`` tokens: when its newest token would sit past ``2 * capacity``,
+    move ``offset`` on so that it sits at ``capacity``, and every layer's window keys back by
+    as many positions (float64, one rounding; the layers rewrite the sinks from their first
+    encoding). A key lives ``capacity - n_sink + 1`` steps, no more than the ``capacity + 1``
+    between two rebases: it is moved at most once.
+
+    An operator of its own: a compiled step calls it as one opaque node (no graph break) and
+    it runs eagerly, so the steps in between cost a comparison (on a GPU: one number read
+    back), not a pass over the cache. Tagged ``cudagraph_unsafe``: under CUDA graphs inductor
+    runs it between the graph's partitions."""
+    newest = int(seen - offset) + q - 1  # the newest token's position as things stand (one device read)
+    if newest <= 2 * capacity:
+        return
+    step = newest - capacity
+    for key, inv_freq, start in zip(keys, inv_freqs, starts):
+        window = key[..., n_sink:, start : start + 2 * inv_freq.numel()]
+        window.copy_(rope_rotate(window, -step, inv_freq, interleaved=interleaved))
+    offset.add_(step)
+
+
+_HOOK_ATTR = "_kvpress_lite_static_positions"
+
+
+def _hand_positions_in(decoder: nn.Module) -> None:
+    """Register (once per decoder module) the pre-hook that hands a :class:`StreamingCache`'s
+    positions to the model; it does nothing for any other cache. A compiled forward traces it
+    into its graph."""
+    if getattr(decoder, _HOOK_ATTR, None) is None:
+        setattr(decoder, _HOOK_ATTR, decoder.register_forward_pre_hook(_positions_hook, with_kwargs=True))
+
+
+def _positions_hook(module: nn.Module, args: tuple, kwargs: dict):
+    cache = next((kwargs[n] for n in cache_access.MODEL_CACHE_KWARGS if kwargs.get(n) is not None), None)
+    if not isinstance(cache, streaming_cache_class()):
+        return None
+    tokens = kwargs.get("input_ids")
+    tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+    tokens = args[0] if tokens is None and args else tokens
+    if tokens is None:
+        return None
+    return args, dict(kwargs, position_ids=cache.position_ids(tokens.shape[1], kwargs.get("position_ids"), tokens.device))
 
 
 def StreamingCache(model: nn.Module, n_sink: int = 4, capacity: int = 256, adapter: Optional[Adapter | str] = None):
