@@ -31,8 +31,8 @@ position hook or stream order), full-attention layers. A prompt of at most
 
 >>> cache = StreamingCache(model, n_sink=4, capacity=256)                      # doctest: +SKIP
 >>> forward = torch.compile(model.forward)                                       # doctest: +SKIP
->>> out = model(input_ids=prompt, cache=cache, use_cache=True)                  # eager prefill
->>> out = forward(input_ids=token, cache=cache, use_cache=True)                 # compiled steps
+>>> out = model(input_ids=prompt, cache=cache, use_cache=True)   # eager prefill  # doctest: +SKIP
+>>> out = forward(input_ids=token, cache=cache, use_cache=True)  # compiled steps # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -270,7 +270,21 @@ def StreamingCache(model: nn.Module, n_sink: int = 4, capacity: int = 256, adapt
     """A fixed-size StreamingLLM cache for ``model`` that ``torch.compile`` compiles once.
 
     >>> cache = StreamingCache(model, n_sink=4, capacity=256)    # doctest: +SKIP
-    >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=2000)   # doctest: +SKIP
+    >>> model.generate(input_ids, cache=cache, max_new_tokens=2000)   # doctest: +SKIP
+
+    ``generate()`` compiles its decoding step itself when handed this cache (it is a
+    compileable cache): on a GPU by default (``CompileConfig()``: CUDA graphs), on other
+    devices only when told, which transformers does through a flag of ``CompileConfig``:
+
+    >>> from transformers import CompileConfig                              # doctest: +SKIP
+    >>> config = CompileConfig(fullgraph=True, mode="default")              # doctest: +SKIP
+    >>> config._compile_all_devices = True   # CPU: compile anyway          # doctest: +SKIP
+    >>> model.generate(input_ids, cache=cache, compile_config=config, max_new_tokens=2000)  # doctest: +SKIP
+
+    One graph for every decoding step, no recompile however long the stream; the prompt runs
+    eagerly (at most ``capacity + 1`` tokens a call: feed a longer one with :func:`prefill`
+    first, then generate() takes its last token). Without the flag a CPU run warns
+    "unable to meet the criteria for compilation" and decodes eagerly.
     """
     return streaming_cache_class()(model, n_sink=n_sink, capacity=capacity, adapter=adapter)
 

@@ -110,6 +110,39 @@ def test_compiled_streaming_compiles_once_and_never_recompiles():
     assert int(compiled_cache.get_seq_length()) == 2_100  # and the cache kept its capacity + 1 slots throughout
 
 
+@needs_5
+def test_generate_compiles_its_decoding_step_once_and_streams_on():
+    """generate() compiles its own decoding step for a compileable cache (on a GPU by default, on
+    a CPU when told: compile_config._compile_all_devices): one graph and no recompile over 340
+    tokens (10x the capacity, 10 re-bases), after a prompt longer than the cache. The tokens are
+    the eager press's, the logits the float64 reference's."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from reference import reference_logits, streaming_visible
+
+    model, ids, new = tiny_model("llama", "sdpa"), ids_of(50, 5), 340
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                  output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY, prefill_chunk_size=1):
+        want = model.generate(ids, **kwargs)
+    cache = StreamingCache(model, n_sink=N_SINK, capacity=CAPACITY)
+    prefill(model, ids[:, :-1], cache)  # generate() then takes the last prompt token alone
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    torch._dynamo.reset()
+    counters.clear()
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        got = model.generate(ids, compile_config=config, **{model_cache_kwarg(model): cache}, **kwargs)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(got.sequences, want.sequences)
+    reference = reference_logits(model, got.sequences[0], streaming_visible(N_SINK, CAPACITY), rope_positions="cache")
+    torch.testing.assert_close(torch.stack(got.logits)[:, 0].double(), reference[49:-1], atol=1e-4, rtol=0)
+
+
 def test_static_mode_is_refused_where_it_cannot_serve():
     if not FIVE:
         with pytest.raises(kvl.UnsupportedModelError, match="transformers >= 5"):
