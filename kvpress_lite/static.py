@@ -263,7 +263,26 @@ def _positions_hook(module: nn.Module, args: tuple, kwargs: dict):
     tokens = args[0] if tokens is None and args else tokens
     if tokens is None:
         return None
+    if not torch.compiler.is_compiling():  # eager calls (every prompt): checks a compiled step cannot afford
+        _check_unpadded(kwargs, cache, tokens.shape[1])
     return args, dict(kwargs, position_ids=cache.position_ids(tokens.shape[1], kwargs.get("position_ids"), tokens.device))
+
+
+def _check_unpadded(kwargs: dict, cache: Any, q: int) -> None:
+    """Refuse a padded batch (a 2D mask with zeros, or generate()'s positions counted from one)
+    and positions that are not the stream's: the slots serve unpadded rows only, a padded row
+    would see the wrong slots once the ring wraps."""
+    mask, given = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())
+    if given is not None and not padded:
+        seen = int(cache.get_seq_length())
+        padded = not bool((given == torch.arange(seen, seen + q, device=given.device)).all())
+    if padded:
+        raise UnsupportedGenerationError(
+            "this call pads some rows (or passes position_ids other than the stream's): the static cache serves "
+            "unpadded rows only. Run the rows one by one, or use the eager press (apply_press), which streams "
+            "left-padded batches"
+        )
 
 
 def StreamingCache(model: nn.Module, n_sink: int = 4, capacity: int = 256, adapter: Optional[Adapter | str] = None):

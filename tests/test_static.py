@@ -152,6 +152,14 @@ def test_static_mode_is_refused_where_it_cannot_serve():
         StreamingCache(tiny_model("gpt2"), capacity=CAPACITY)
     with pytest.raises(kvl.UnsupportedModelError, match="ALiBi"):
         StreamingCache(any_family("bloom", 2), capacity=CAPACITY)
+    model = tiny_model("llama", "sdpa")
+    rows, padded, name = ids_of(10).repeat(2, 1), torch.ones(2, 10, dtype=torch.long), model_cache_kwarg(model)
+    padded[0, :3] = 0  # a left-padded batch: the eager press serves it, the static cache refuses it
+    with pytest.raises(kvl.UnsupportedGenerationError, match="pads some rows"):
+        model(input_ids=rows, attention_mask=padded, **{name: StreamingCache(model, n_sink=N_SINK, capacity=CAPACITY)})
+    with pytest.raises(kvl.UnsupportedGenerationError, match="pads some rows"):
+        model.generate(rows, attention_mask=padded, max_new_tokens=2, pad_token_id=0,
+                       **{name: StreamingCache(model, n_sink=N_SINK, capacity=CAPACITY)})
     with pytest.raises(kvl.UnsupportedModelError, match="sliding-window"):
         StreamingCache(tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0,
                                   layer_types=["sliding_attention", "full_attention"]), n_sink=2, capacity=16)
