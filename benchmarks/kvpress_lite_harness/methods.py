@@ -350,21 +350,26 @@ class Recompute(Method):
     def __init__(self, ctx: ModelContext, n_sink: int, capacity: int) -> None:
         super().__init__(ctx)
         self.n_sink, self.capacity = n_sink, capacity
+        # what the press attends to: the sinks, the capacity - n_sink before it and itself; a learned
+        # position table shorter than that (GPT-2 at capacity 1024) caps the span at its length
+        self.span = min(capacity + 1, ctx.max_positions or capacity + 1)
         self.name = "recompute_sinks" if n_sink else "recompute"
         self.label = f"sliding window with re-computation ({n_sink}+{capacity - n_sink})"
         self.how = (
-            f"no cache: every token runs one forward over the {n_sink} first tokens, the {capacity - n_sink} before it "
-            f"and itself (positions 0..{capacity}, what the press attends to), keeping the logits of the last; its "
-            "cost does not depend on the stream length."
+            f"no cache: every token runs one forward over the {n_sink} first tokens, the {self.span - n_sink - 1} "
+            f"before it and itself (positions 0..{self.span - 1}"
+            + (", what the press attends to" if self.span == capacity + 1 else
+               f", one fewer than the press attends to: the model has {ctx.max_positions} learned positions")
+            + "), keeping the logits of the last; its cost does not depend on the stream length."
         )
         self.window = None
 
     def prepare(self, length: int) -> None:
         tokens = self.ctx.tokens
-        if length <= self.capacity + 1:
+        if length <= self.span:
             self.window = tokens[:, :length]
         else:
-            keep = self.capacity - self.n_sink + 1
+            keep = self.span - self.n_sink
             self.window = torch.cat([tokens[:, : self.n_sink], tokens[:, length - keep : length]], dim=1)
         self.note = None
 
