@@ -24,10 +24,17 @@ keys back by as much (:func:`_rebase`). The model never sees a position past
 rebase is an operator of its own, which a compiled step calls as one opaque node: the graph
 stays one, and the steps between rebases cost one comparison.
 
+Sliding-window layers are served as the eager press serves them (the same
+:func:`~kvpress_lite.attachment.plan_layers` decides): one no wider than the press's window
+(``sliding_window - 1 <= capacity - n_sink``) keeps its own last ``sliding_window`` tokens in
+a ring of as many slots, at the positions the model was handed, as transformers does; one
+wider than the capacity sees every kept entry and is pressed like a full layer; one in
+between is refused, naming the config field.
+
 Scope: transformers >= 5 (the cache gives the mask its query offset), families whose
 position scheme supports it (RoPE; not learned tables or ALiBi, which need the press's
-position hook or stream order), full-attention layers. A prompt of at most
-``capacity + 1`` tokens may go in one call; longer prompts go in with :func:`prefill`.
+position hook or stream order), unpadded batches. A prompt of at most ``capacity + 1``
+tokens may go in one call; longer prompts go in with :func:`prefill`.
 
 >>> cache = StreamingCache(model, n_sink=4, capacity=256)                      # doctest: +SKIP
 >>> forward = torch.compile(model.forward)                                       # doctest: +SKIP
@@ -147,14 +154,51 @@ def _layer_class():
                 "use greedy or sampling decoding"
             )
 
-    return Cache, StreamingLayer
+    class SlidingLayer(StreamingLayer):
+        """A sliding-window layer no wider than the press's window, as transformers keeps it: its
+        last ``window`` tokens (itself and ``window - 1`` before it) in a ring of as many slots,
+        at the positions the model was handed; no sinks. A ``StreamingLayer`` with
+        ``n_sink=0, capacity=window - 1``, but for a prompt that overflows the ring (eager): the
+        attention then sees the ring's tokens in stream order followed by the prompt's."""
+
+        is_sliding = True
+
+        def __init__(self, layer_idx: int, window: int, scheme: Any, offset: torch.Tensor) -> None:
+            super().__init__(layer_idx, 0, window - 1, scheme, offset)
+
+        def _overflows(self, q: int) -> bool:
+            return q > 1 and int(self.cumulative_length) + q > self.capacity + 1
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            if self._overflows(query_length):  # the tokens the query offset counts, then the call's
+                return min(int(self.cumulative_length), self.capacity) + query_length, 0
+            return super().get_mask_sizes(query_length)
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            q = key_states.shape[-2]
+            if not self._overflows(q):
+                return super().update(key_states, value_states, *args, **kwargs)
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            seen, slots = int(self.cumulative_length), self.capacity + 1
+            # the tokens a new one can still see (as many as the query offset says), in stream order
+            past = torch.arange(seen - min(seen, self.capacity), seen, device=self.device) % slots
+            keys = torch.cat([self.keys.index_select(2, past), key_states], dim=2)
+            values = torch.cat([self.values.index_select(2, past), value_states], dim=2)
+            kept = torch.arange(seen + q - slots, seen + q, device=self.device) % slots  # stream index t in slot t % slots
+            self.keys.index_copy_(2, kept, keys[:, :, -slots:])
+            self.values.index_copy_(2, kept, values[:, :, -slots:])
+            self.cumulative_length.add_(q)
+            return keys, values
+
+    return Cache, StreamingLayer, SlidingLayer
 
 
 def streaming_cache_class():
     """The :class:`StreamingCache` class (built lazily: it subclasses transformers' Cache)."""
     global _STREAMING_CACHE
     if _STREAMING_CACHE is None:
-        Cache, StreamingLayer = _layer_class()
+        Cache, StreamingLayer, SlidingLayer = _layer_class()
 
         class StreamingCache(Cache):
             """A fixed-size StreamingLLM cache for ``torch.compile``; see the module docstring."""
@@ -173,23 +217,24 @@ def streaming_cache_class():
                     raise UnsupportedModelError(f"static-shape streaming does not serve {type(model).__name__}: {reason}")
                 attentions = chosen.attention_modules(model)
                 indices = [getattr(a, "layer_idx", i) for i, a in enumerate(attentions)]
+                # sliding-window layers wider than the capacity are pressed like full ones; narrower
+                # than the window, they keep their own (in between: refused, naming the config field)
                 plan = plan_layers(model, indices, n_sink, capacity)
-                if plan.sliding or plan.sliding_pressed:
-                    raise UnsupportedModelError(
-                        f"static-shape streaming does not serve sliding-window layers yet ({type(model).__name__}); "
-                        "use the eager press (apply_press)"
-                    )
+                windows = _sliding_windows(model, plan.sliding)
                 self.n_sink, self.capacity = n_sink, capacity
                 # the model is handed stream positions minus `offset`: a 0-dim tensor, moved in place
                 self.offset = torch.zeros((), dtype=torch.long, device=next(iter(model.parameters())).device)
                 torch._dynamo.mark_static_address(self.offset)
-                super().__init__(layers=[StreamingLayer(i, n_sink, capacity, scheme, self.offset)
-                                         for i in range(max(indices) + 1)])
+                super().__init__(layers=[
+                    SlidingLayer(i, windows[i], scheme, self.offset) if i in windows
+                    else StreamingLayer(i, n_sink, capacity, scheme, self.offset)
+                    for i in range(max(indices) + 1)])
                 _hand_positions_in(chosen.decoder(model))
 
             def get_query_offset(self, layer_idx: int = 0):
-                # once full the query sits past every slot: all capacity + 1 entries are visible
-                return self.layers[layer_idx].cumulative_length.clamp(max=self.capacity)
+                # once full the query sits past every slot: all of a layer's capacity + 1 entries are visible
+                layer = self.layers[layer_idx]
+                return layer.cumulative_length.clamp(max=layer.capacity)
 
             def position_ids(self, q: int, given: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
                 """What the model is handed for a call of ``q`` tokens: their stream positions
@@ -202,8 +247,8 @@ def streaming_cache_class():
                 rotary = [layer for layer in self.layers if layer.rotary is not None and layer.is_initialized]
                 torch.ops.kvpress_lite.rebase_streaming_cache(
                     [layer.keys for layer in rotary], [layer.inv_freq for layer in rotary],
-                    [layer.rotary[0] for layer in rotary], self.offset, seen, q, self.n_sink, self.capacity,
-                    bool(rotary and rotary[0].rotary[2]))
+                    [layer.rotary[0] for layer in rotary], [layer.n_sink for layer in rotary], self.offset, seen, q,
+                    self.capacity, bool(rotary and rotary[0].rotary[2]))
                 if given is None:
                     return (torch.arange(q, device=device) + (seen - self.offset).to(device)).unsqueeze(0)
                 return given - self.offset.to(given.device)
@@ -221,8 +266,8 @@ _STREAMING_CACHE = None
 
 @torch.library.custom_op("kvpress_lite::rebase_streaming_cache", mutates_args=("keys", "offset"),
                          tags=(torch.Tag.cudagraph_unsafe,))
-def _rebase(keys: list[torch.Tensor], inv_freqs: list[torch.Tensor], starts: list[int], offset: torch.Tensor,
-            seen: torch.Tensor, q: int, n_sink: int, capacity: int, interleaved: bool) -> None:
+def _rebase(keys: list[torch.Tensor], inv_freqs: list[torch.Tensor], starts: list[int], n_sinks: list[int],
+            offset: torch.Tensor, seen: torch.Tensor, q: int, capacity: int, interleaved: bool) -> None:
     """Before a call of ``q`` tokens: when its newest token would sit past ``2 * capacity``,
     move ``offset`` on so that it sits at ``capacity``, and every layer's window keys back by
     as many positions (float64, one rounding; the layers rewrite the sinks from their first
@@ -237,10 +282,19 @@ def _rebase(keys: list[torch.Tensor], inv_freqs: list[torch.Tensor], starts: lis
     if newest <= 2 * capacity:
         return
     step = newest - capacity
-    for key, inv_freq, start in zip(keys, inv_freqs, starts):
+    for key, inv_freq, start, n_sink in zip(keys, inv_freqs, starts, n_sinks):
         window = key[..., n_sink:, start : start + 2 * inv_freq.numel()]
         window.copy_(rope_rotate(window, -step, inv_freq, interleaved=interleaved))
     offset.add_(step)
+
+
+def _sliding_windows(model: nn.Module, indices: tuple[int, ...]) -> dict[int, int]:
+    """``{layer: sliding_window}`` for the layers ``indices``, read off the cache the model builds
+    (as :func:`~kvpress_lite.attachment.plan_layers` reads them)."""
+    if not indices:
+        return {}
+    layers = cache_access.self_attention_cache(cache_access.new_dynamic_cache(model)).layers
+    return {i: int(layers[i].sliding_window) for i in indices}
 
 
 _HOOK_ATTR = "_kvpress_lite_static_positions"

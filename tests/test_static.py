@@ -12,6 +12,7 @@ import kvpress_lite as kvl
 from kvpress_lite.cache_access import model_cache_kwarg, output_cache
 from kvpress_lite.static import StreamingCache, prefill
 from kvpress_lite.tiny import tiny_model as any_family
+from kvpress_lite.tiny import two_layer_pattern
 from tiny_models import tiny_model
 
 N_SINK, CAPACITY = 4, 32
@@ -53,6 +54,41 @@ def test_the_static_cache_gives_the_eager_press_logits(family):
     assert (got[100:] - stream(model, ids, StreamingCache(model, n_sink=0, capacity=CAPACITY), 10)[100:]).abs().max() > 1e-2
 
 
+def sliding_cases():
+    """(family, window, every layer slides) for the families whose layer pattern has sliding
+    layers (narrow and wide windows) and those with an optional window on every layer (wide)."""
+    if not FIVE:
+        return []
+    from kvpress_lite.tiny import all_model_types, layer_variants, optional_window, windowed_variant
+
+    types = all_model_types()
+    windowed = [t for t in types if any(windowed_variant(t, v) for v in layer_variants(t))]
+    return ([(t, w, False) for t in windowed for w in (4, 2 * CAPACITY)]
+            + [(t, 2 * CAPACITY, True) for t in types if optional_window(t)])
+
+
+@needs_5
+@pytest.mark.parametrize("family, window, every_layer", sliding_cases())
+def test_sliding_window_layers_stream_as_under_the_eager_press(family, window, every_layer):
+    """A sliding window no wider than the press's window (4 - 1 <= 28) keeps its own ring of
+    `window` slots at the positions the model was handed, as transformers does (the 10-token
+    prompt overflows it); one wider than the capacity (64 - 1 > 32) is pressed like a full
+    layer. Token by token to 80, through a re-base; every family the eager press serves."""
+    try:
+        model = any_family(family, 2, "eager", layer=two_layer_pattern(family), window=window, sliding=every_layer)
+        kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY).remove()
+    except Exception as exc:  # not built tiny, or not served by the press: the conformance suite says why
+        pytest.skip(f"{family}: {exc}"[:200])
+    ids = ids_of(80, 6)
+    want = press_logits(model, ids, 10)
+    cache = StreamingCache(model, n_sink=N_SINK, capacity=CAPACITY)
+    got = stream(model, ids, cache, 10)
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got / scale, want / scale, atol=2e-5, rtol=0)  # the conformance suite's bound
+    assert {layer.keys.shape[-2] for layer in cache.layers} == (
+        {window, CAPACITY + 1} if window - 1 <= CAPACITY - N_SINK else {CAPACITY + 1})
+
+
 @needs_5
 def test_a_long_prompt_goes_in_through_prefill_token_by_token():
     model = tiny_model("llama", "sdpa")
@@ -82,9 +118,13 @@ def test_generate_streams_through_the_static_cache():
 
 
 @needs_5
-def test_compiled_streaming_compiles_once_and_never_recompiles():
-    model = tiny_model("llama", "sdpa")
-    ids = ids_of(2_100, 4)
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_compiled_streaming_compiles_once_and_never_recompiles(family):
+    """gemma3_text: a sliding-window layer (window 4: a ring of its own) beside a full one."""
+    if family == "llama":
+        model, ids = tiny_model("llama", "sdpa"), ids_of(2_100, 4)
+    else:
+        model, ids = any_family(family, 2, "sdpa", layer=two_layer_pattern(family)), ids_of(300, 4)
     compiled_cache = StreamingCache(model, n_sink=N_SINK, capacity=CAPACITY)
     eager_cache = StreamingCache(model, n_sink=N_SINK, capacity=CAPACITY)
     from torch._dynamo.utils import counters
@@ -107,7 +147,7 @@ def test_compiled_streaming_compiles_once_and_never_recompiles():
         torch._dynamo.config.error_on_recompile = False
     assert counters["stats"]["unique_graphs"] == 1  # one graph for every single-token step
     assert worst < 1e-4, worst
-    assert int(compiled_cache.get_seq_length()) == 2_100  # and the cache kept its capacity + 1 slots throughout
+    assert int(compiled_cache.get_seq_length()) == ids.shape[1]  # and the cache kept its capacity + 1 slots throughout
 
 
 @needs_5
@@ -160,6 +200,7 @@ def test_static_mode_is_refused_where_it_cannot_serve():
     with pytest.raises(kvl.UnsupportedGenerationError, match="pads some rows"):
         model.generate(rows, attention_mask=padded, max_new_tokens=2, pad_token_id=0,
                        **{name: StreamingCache(model, n_sink=N_SINK, capacity=CAPACITY)})
+    # a sliding window between the press's window and its capacity would see some sinks, not others
     with pytest.raises(kvl.UnsupportedModelError, match="sliding-window"):
-        StreamingCache(tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0,
+        StreamingCache(tiny_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0,
                                   layer_types=["sliding_attention", "full_attention"]), n_sink=2, capacity=16)
