@@ -192,11 +192,6 @@ class Rotary(PositionScheme):
             trim.shared[key] = rope_phase(trim.sink_shift, freq).to(keys.device)
         write_rotated(sinks, trim.state["sink_pairs"], trim.shared[key], self.interleaved)
 
-    def static_unsupported(self) -> Optional[str]:
-        if self.position_table is not None:
-            return "its rotary table has a fixed number of rows, and the static cache does not re-base positions"
-        return None
-
     def static_rotary(self, layer_idx: int) -> Optional[tuple]:
         dims = self.rotary_dims(layer_idx)
         return (self.rotary_start, dims, self.interleaved, self._freq(layer_idx)) if dims else None

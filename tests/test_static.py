@@ -43,9 +43,11 @@ def press_logits(model, ids, prompt_len, **press_kwargs):
 
 
 @needs_5
-@pytest.mark.parametrize("family", ["llama", "gpt_neox", "cohere", "phi", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "cohere", "phi", "qwen3", "gptj"])
 def test_the_static_cache_gives_the_eager_press_logits(family):
-    """Rotate-half, interleaved (cohere) and partial (gpt_neox, phi) RoPE, token by token past the capacity."""
+    """Rotate-half, interleaved (cohere) and partial (gpt_neox, phi) RoPE, and a rotary table of
+    fixed rows read by position (gptj: the positions handed stay below 2 * capacity), token by
+    token past the capacity."""
     model = tiny_model(family, "sdpa") if family in ("llama", "gpt_neox") else any_family(family, 2, "sdpa")
     ids = ids_of(150, 1)
     want = press_logits(model, ids, 10)
