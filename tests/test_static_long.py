@@ -99,3 +99,16 @@ def test_compiled_steps_deep_into_a_stream_stay_exact_without_recompiling():
     again, _ = deep_stream(model, ids, 0, forward, cache)
     fresh, _ = deep_stream(model, ids, 0)
     torch.testing.assert_close(again, fresh, atol=1e-5, rtol=0)
+
+
+def test_a_rotary_table_of_fixed_rows_is_read_inside_it_deep_into_a_stream():
+    """GPT-J reads cos/sin from a 512-row table by position: deep in a stream its logits are
+    those of the same tokens at the start of one (no float64 reference for it: the two runs of
+    the cache are compared, the first of them checked against the eager press in test_static)."""
+    from kvpress_lite.tiny import tiny_model as any_family
+
+    model = any_family("gptj", 2, "eager")
+    ids = ids_for(model, 3)
+    fresh, _ = deep_stream(model, ids, 0)
+    deep, _ = deep_stream(model, ids, 2**24 + 3)
+    torch.testing.assert_close(deep[-CHECKED:], fresh[-CHECKED:], atol=1e-5, rtol=0)
