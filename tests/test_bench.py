@@ -122,6 +122,7 @@ def test_compiled_run_at_a_tiny_shape_never_recompiles(tmp_path, capsys):
     assert results["stream"]["recompiles_after_warmup"] == 0
     assert set(results["compiled_ms"]) >= {"compiled_sinks", "compiled_dense"}
     assert "compiled_sinks / compiled_dense (equal KV)" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_peer_is_skipped_with_a_reason_when_its_interpreter_is_missing(tmp_path):

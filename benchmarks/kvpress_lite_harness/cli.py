@@ -319,13 +319,13 @@ def add_compiled(subparsers) -> argparse.ArgumentParser:
 def run_compiled(args: argparse.Namespace) -> int:
     from kvpress_lite.errors import KVPressLiteError
 
-    from .compiled import markdown, run_compiled as measure
+    from .compiled import markdown, plot, run_compiled as measure
 
     if args.from_json:
-        return _write(args, report.load_json(args.from_json), markdown, {})
+        return _write(args, report.load_json(args.from_json), markdown, {"latency": plot})
     try:
         results = measure(args.preset, args.steps, command=_command("compiled"))
     except (ValueError, KVPressLiteError) as exc:
         print(f"kvpress-lite compiled: {exc}", file=sys.stderr)
         return 2
-    return _write(args, results, markdown, {})
+    return _write(args, results, markdown, {"latency": plot})

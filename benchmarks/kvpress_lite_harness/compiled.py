@@ -27,7 +27,7 @@ import torch
 
 from . import models
 from .measure import PeakMemory
-from .report import fmt, machine_line, run_metadata, table
+from .report import fmt, machine_line, pyplot, run_metadata, save, table
 
 logger = logging.getLogger(__name__)
 
@@ -169,3 +169,19 @@ def markdown(results: dict) -> str:
     lines += table(["method", "ms/token"], [[k, fmt(v)] for k, v in results["compiled_ms"].items()]
                    + [[f"{k} (eager rounds)", fmt(v)] for k, v in results["eager_ms"].items()])
     return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path) -> None:
+    """Per-token latency of every method (bars; the compiled and the eager rounds side by side)
+    and the compiled press's cost early and late in its stream."""
+    p = results["metadata"]["config"]
+    fig, (ax, ax_len) = pyplot().subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    bars = {**results["compiled_ms"], **{f"{k}\n(eager rounds)": v for k, v in results["eager_ms"].items()}}
+    ax.barh(list(bars)[::-1], list(bars.values())[::-1], color="tab:blue")
+    ax.set(xlabel="ms per token (median)", title=f"{p['model']}, {p['dtype']}, {p['device']}, KV {p['kv']}")
+    cost = {int(k): v for k, v in results["stream"]["ms_per_token"].items()}
+    ax_len.bar([f"{n:,}" for n in cost], list(cost.values()), color="tab:green")
+    ax_len.set(xlabel="tokens streamed", ylabel="ms per token", title="compiled_sinks over the stream")
+    for a in (ax, ax_len):
+        a.grid(True, axis="x" if a is ax else "y", alpha=0.3)
+    save(fig, path)
