@@ -89,20 +89,25 @@ def regimes(model_type: str, variants: list[int]) -> list[tuple[str, int, tuple,
     return out
 
 
+def two_layer_model(model_type: str):
+    """``(model, pattern)``: two eager layers, a full and a sliding one where the family has both
+    (``pattern``), else the family's default two layers (``pattern`` None)."""
+    pattern = two_layer_pattern(model_type)
+    try:
+        return tiny_model(model_type, 2, "eager", layer=pattern), pattern
+    except NotBuildable:
+        raise
+    except Exception:
+        if pattern is None:
+            raise
+        return tiny_model(model_type, 2, "eager"), None
+
+
 @pytest.mark.parametrize("model_type", TYPES)
 def test_family(model_type):
     record = RESULTS.setdefault(model_type, {"type": model_type})
-    pattern = two_layer_pattern(model_type)
     try:
-        try:
-            model = tiny_model(model_type, 2, "eager", layer=pattern)
-        except NotBuildable:
-            raise
-        except Exception:
-            if pattern is None:
-                raise
-            pattern = None
-            model = tiny_model(model_type, 2, "eager", layer=pattern)
+        model, pattern = two_layer_model(model_type)
     except NotBuildable as exc:
         record.update(status=f"not built: {exc.category}")
         pytest.skip(f"{model_type} not built tiny: {exc}")
@@ -245,16 +250,8 @@ def test_static_cache_matches_the_press(model_type):
     from kvpress_lite.cache_access import model_cache_kwarg
     from kvpress_lite.static import StreamingCache
 
-    pattern = two_layer_pattern(model_type)  # a full and a sliding layer where the family has both
     try:
-        try:
-            model = tiny_model(model_type, 2, "eager", layer=pattern)
-        except NotBuildable:
-            raise
-        except Exception:
-            if pattern is None:
-                raise
-            model = tiny_model(model_type, 2, "eager")
+        model, _ = two_layer_model(model_type)  # a full and a sliding layer where the family has both
     except Exception as exc:  # not buildable tiny: test_family records why
         pytest.skip(f"{model_type} not built tiny: {exc}"[:200])
     if registered().get(model.config.model_type) is None:
