@@ -141,14 +141,6 @@ def _note(cell: Optional[dict]) -> Optional[str]:
     return cell.get("error") or cell.get("note")
 
 
-def _fx(x: Optional[float]) -> str:
-    return "-" if x is None else f"{x:.2f}x"
-
-
-def fmt_ms(x: Optional[float]) -> str:
-    return "-" if x is None else (f"{x:.2f}" if x < 100 else f"{x:.0f}")
-
-
 def _method_names(model: dict) -> list[str]:
     present = {c["method"] for c in model.get("results", [])}
     return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))

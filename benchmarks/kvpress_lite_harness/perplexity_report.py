@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 from .report import fmt, machine_line, pyplot, save, table
 
