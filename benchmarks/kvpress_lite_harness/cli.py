@@ -92,13 +92,6 @@ def _write(args: argparse.Namespace, results: dict, markdown: Callable[[dict], s
     return 0
 
 
-def _command(name: str) -> str:
-    import shlex
-
-    argv = sys.argv[1:]
-    return "kvpress-lite " + " ".join(shlex.quote(a) for a in (argv if argv[:1] == [name] else [name, *argv]))
-
-
 # -- perplexity ----------------------------------------------------------------------------
 def add_perplexity(subparsers) -> argparse.ArgumentParser:
     """Register ``kvpress-lite perplexity``."""
@@ -196,7 +189,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
         args.model if args.jobs > 1 else model, ids, args.methods, jobs=args.jobs, threads_per_job=args.threads or 1,
         attn_implementation=None if args.attn_implementation == "model" else args.attn_implementation, **common)
     threads = (args.threads or 1) if args.jobs > 1 else torch.get_num_threads()
-    meta = report.run_metadata("cpu", _command("perplexity"), **settings, first_tokens=ids[:8].tolist(),
+    meta = report.run_metadata("cpu", report.command_line("perplexity"), **settings, first_tokens=ids[:8].tolist(),
                                jobs=args.jobs, torch_threads=threads, dtype=str(model.dtype),
                                attn_implementation=getattr(model.config, "_attn_implementation", None),
                                wall_seconds=round(time.perf_counter() - start, 1))
@@ -292,7 +285,7 @@ def run_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kvpress-lite bench: {exc}", file=sys.stderr)
         return 2
-    results = run_benchmark(cfg, command=_command("bench"))
+    results = run_benchmark(cfg, command=report.command_line("bench"))
     status = _write(args, results, markdown, FIGURES)
     for r in results["ratios"]:
         print(f"{r['ratio']:40s} {r['model']:14s} {report.fx(r['value'])}", file=sys.stderr)
@@ -324,7 +317,7 @@ def run_compiled(args: argparse.Namespace) -> int:
     if args.from_json:
         return _write(args, report.load_json(args.from_json), markdown, {"latency": plot})
     try:
-        results = measure(args.preset, args.steps, command=_command("compiled"))
+        results = measure(args.preset, args.steps, command=report.command_line("compiled"))
     except (ValueError, KVPressLiteError) as exc:
         print(f"kvpress-lite compiled: {exc}", file=sys.stderr)
         return 2

@@ -27,11 +27,20 @@ from .measure import library_versions, machine_info
 logger = logging.getLogger(__name__)
 
 
+def command_line(subcommand: Optional[str] = None) -> str:
+    """The ``kvpress-lite ...`` command this process runs, with ``subcommand`` first when given
+    (argv lacks it when the subcommand's module is run directly)."""
+    argv = sys.argv[1:]
+    if subcommand and argv[:1] != [subcommand]:
+        argv = [subcommand, *argv]
+    return "kvpress-lite " + " ".join(shlex.quote(a) for a in argv)
+
+
 def run_metadata(device: str = "cpu", command: Optional[str] = None, **settings: Any) -> dict:
     """Where and how the numbers came from, stored next to them."""
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": command or "kvpress-lite " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": command or command_line(),
         "machine": machine_info(device),
         "versions": library_versions(),
         **settings,
