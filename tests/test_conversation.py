@@ -9,6 +9,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 import kvpress_lite as kvl
+from bounds import assert_float32_close
 from helpers import cache_kwarg
 from kvpress_lite.cache_access import output_cache
 from reference import reference_logits, streaming_visible
@@ -16,7 +17,6 @@ from test_press_reference import gpt2_positions
 from tiny_models import FAMILIES, tiny_model
 
 N_SINK, CAPACITY = 4, 32  # the same budget as test_press_reference (gpt2_positions reads it)
-TOL = 1e-4
 
 
 def user_turn(length, seed):
@@ -72,7 +72,7 @@ def test_generate_continues_a_conversation_exactly(family):
     ids, logits, steps, at = converse(model, turns, new_tokens=40)
     assert ids.shape[1] == 10 + 8 + 20 + 5 + 4 * 40  # 203 tokens, 6x the capacity, past gpt2's 128 positions
     ref = reference(model, ids, steps)
-    torch.testing.assert_close(logits, ref[at], atol=TOL, rtol=0)
+    assert_float32_close(logits, ref[at], model, CAPACITY + 1, runs=1)
     generated = torch.cat([ids[0, a + 1 : a + 2] for a in at])
     assert torch.equal(generated, ref[at].argmax(-1))  # greedy picked what the reference would
 
@@ -118,7 +118,7 @@ def test_repetition_penalty_streamer_and_stopping_criteria_work_across_turns(cap
             logits.append(torch.stack(out.logits)[:, 0])
             ids, cache = out.sequences, output_cache(out)
     ref = reference(model, ids, steps)
-    torch.testing.assert_close(torch.cat(logits), ref[at], atol=TOL, rtol=0)  # raw logits, before the penalty
+    assert_float32_close(torch.cat(logits), ref[at], model, CAPACITY + 1, runs=1)  # raw logits, before the penalty
     assert f"t{int(ids[0, -1])}" in capsys.readouterr().out  # the streamer printed the tokens as they came
 
 

@@ -87,6 +87,8 @@ def test_rope_rotate_matches_plain_rotation(half_rot, extra, shift, interleaved)
     inv_freq = 10000.0 ** (-torch.arange(0, rotary_dims, 2, dtype=torch.float64) / rotary_dims)
     got = rope_rotate(x, shift, inv_freq, rotary_dims, interleaved)
     want = _plain_rope(x, torch.tensor(float(shift), dtype=torch.float64), inv_freq, rotary_dims, interleaved)
+    # float64: an angle of shift * inv_freq carries ~shift * 2**-53 rad of rounding (< 1e-10 for any shift
+    # drawn here, |x| ~ 1), so 1e-9 bounds two rotations computed in another order
     assert torch.allclose(got, want, atol=1e-9)
     assert torch.equal(got[..., rotary_dims:], x[..., rotary_dims:])  # partial rotary leaves the rest alone
 
@@ -97,7 +99,9 @@ def test_rope_rotate_per_row_shifts_and_composition():
     shifts = torch.tensor([[0], [7], [123456]])  # [batch, 1] broadcasts over heads
     got = rope_rotate(x, shifts, inv_freq)
     for row, s in enumerate([0, 7, 123456]):
+        # the same float64 operations per row, batched or not: only a reordered reduction could differ (~1e-16)
         assert torch.allclose(got[row], rope_rotate(x[row], s, inv_freq), atol=1e-12)
+    # two rotations against one: angles up to 3345 rad in float64 carry ~3345 * 2**-53 = 4e-13 each
     assert torch.allclose(rope_rotate(rope_rotate(x, 1000, inv_freq), 2345, inv_freq), rope_rotate(x, 3345, inv_freq), atol=1e-9)
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 import kvpress_lite as kvl
+from bounds import assert_float32_close
 from helpers import cache_kwarg
 from kvpress_lite.cache_access import output_cache
 from reference import reference_logits, streaming_visible
@@ -18,7 +19,7 @@ from tiny_models import tiny_model
 N_SINK, CAPACITY = 2, 12
 WINDOW = CAPACITY - N_SINK
 MODEL = tiny_model("llama", "sdpa", num_hidden_layers=2)
-TOL = 1e-4
+KV = CAPACITY + 30  # the longest call (30 tokens) attends to the cache and itself
 
 calls = st.one_of(
     st.tuples(st.just("call"), st.integers(1, 30)),  # model() with this many new tokens
@@ -75,8 +76,7 @@ class Stream:
         visible = streaming_visible(N_SINK, CAPACITY, chunk_starts=sorted(set(starts)))
         ref = reference_logits(MODEL, self.ids[0], visible, rope_positions="cache").float()
         for position, logits in self.checks:
-            torch.testing.assert_close(logits, ref[position], atol=TOL, rtol=0,
-                                       msg=lambda m: f"position {position}: {m}")
+            assert_float32_close(logits, ref[position], MODEL, KV, runs=1, what=f"position {position}")
 
 
 def interrupted_call(stream, n):
@@ -144,5 +144,5 @@ def test_every_padded_row_matches_its_reference(lengths, new_tokens, seed):
         ref = reference_logits(MODEL, ids, streaming_visible(N_SINK, CAPACITY, chunk_starts=starts),
                                rope_positions="cache").float()
         got = torch.stack(out.logits)[:, b]
-        torch.testing.assert_close(got, ref[n - 1 : n - 1 + new_tokens], atol=TOL, rtol=0,
-                                   msg=lambda m: f"row {b} (length {n} of {lengths}): {m}")
+        assert_float32_close(got, ref[n - 1 : n - 1 + new_tokens], MODEL, KV, runs=1,
+                                 what=f"row {b} (length {n} of {lengths})")
