@@ -216,5 +216,15 @@ def support_for(model_type: str) -> Support:
 
 
 def find_adapter(model: nn.Module, name: str | None = None) -> Adapter:
-    """The adapter serving ``model`` (or the one called ``name``); raises :class:`UnsupportedModelError`."""
+    """The adapter serving ``model`` (or the one called ``name``); raises :class:`UnsupportedModelError`.
+
+    Logs once per process when the installed transformers is newer than the newest release
+    the conformance suite ran on (:mod:`kvpress_lite.releases`).
+
+    >>> find_adapter(model).name  # doctest: +SKIP
+    'llama'
+    """
+    from .releases import warn_if_unverified
+
+    warn_if_unverified()
     return get_registry().find(model, name)
