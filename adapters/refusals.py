@@ -21,6 +21,8 @@ REFUSED = {
         "glm_moe_dsa", "hy_v4", "longcat_flash", "minicpm3", "sarvam_mla", "youtu",
     ),
     "compressed (sparse-indexed) attention: the cache is not a plain sequence of keys": ("deepseek_v4",),
+    "a learned indexer picks which cached keys each query attends to (sparse attention), so the visible set is "
+    "not sinks + window and an evicted key may be one it would pick": ("kolibri1_1",),
     "positions count from padding_idx + 1; the example plugin kvpress-lite-roberta (plugins/ in the kvpress-lite "
     "repository) serves this family": (
         "camembert", "data2vec-text", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "xmod",
@@ -31,6 +33,9 @@ REFUSED = {
     "keys pass a causal convolution over neighbouring tokens, so a kept key depends on evicted ones": (
         "inkling2_loop_text", "inkling2_text", "inkling_text", "zaya",
     ),
+    "RoPE on its sliding layers and none on its global ones: the per-layer-type scheme built for it (NoPE where "
+    "config.rope_parameters has no entry) failed the positions-within-cache check on transformers 5.25 (relative "
+    "error 0.043), so it is refused until the cause is found": ("ergo",),
     "layers run several times per token on one shared cache (looped / hierarchical recurrence)": ("dory", "hrm_text"),
     "a normalisation with a learned gain is applied to keys after RoPE, so rotating a cached key is no longer a "
     "position shift": ("hunyuan_v1_dense", "hunyuan_v1_moe"),

@@ -66,7 +66,7 @@ _SIZES: list[tuple[tuple[str, ...], Any]] = [
      HEAD_DIM),
     (("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size", "decoder_ffn_dim", "encoder_ffn_dim",
       "dff", "dim_ff", "feed_forward_size", "dense_intermediate_size", "intermediate_size_mlp",
-      "prefix_dense_intermediate_size"), INTERMEDIATE),
+      "prefix_dense_intermediate_size", "first_dense_intermediate_size"), INTERMEDIATE),
     (("moe_intermediate_size", "shared_expert_intermediate_size", "expert_ffn_hidden_size",
       "moe_shared_expert_intermediate_size", "shared_intermediate_size", "shared_experts_intermediate_size"), 32),
     (("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),

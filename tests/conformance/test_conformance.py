@@ -22,11 +22,13 @@ import torch
 import transformers
 
 import kvpress_lite as kvl
+from bounds import float32_bound
 import kvpress_lite_adapters._rope_extra as extra
 from oracle import (
     CAPACITY,
     N_SINK,
     NARROW_WINDOW,
+    TOL,
     WIDE_WINDOW,
     CheckFailed,
     check_positions,
@@ -189,7 +191,7 @@ def test_rotate_half_on_an_interleaved_family_fails_the_shifted_check():
     wrong = kvl.Adapter(name="wrong", model_types=("cohere",), attention_path="layers.*.self_attn",
                         positions=kvl.rope_positions("rotary_emb", interleaved=False))
     model = _one_layer("cohere")
-    assert check_positions(model, wrong, False, "rope") < 1e-5  # absolute positions cannot tell
+    assert check_positions(model, wrong, False, "rope") <= TOL  # absolute positions cannot tell
     with pytest.raises(CheckFailed, match=r"^\(e\)"):
         check_positions(model, wrong, True, "rope")
 
@@ -202,14 +204,14 @@ def test_rope_on_nope_layers_fails_the_shifted_check():
         check_positions(_one_layer("smollm3", layer=nope_kind), wrong, True, "rope")
     right = kvl.Adapter(name="right", model_types=("smollm3",), attention_path="layers.*.self_attn",
                         positions=extra.nope_layers_positions("rotary_emb"))
-    assert check_positions(_one_layer("smollm3", layer=nope_kind), right, True, "rope") < 1e-5
+    assert check_positions(_one_layer("smollm3", layer=nope_kind), right, True, "rope") <= TOL
 
 
 def test_learned_positions_reference_is_not_the_rope_one():
     """GPT-2 under the shift keeps each key at the slot it was inserted in: a reference at
     positions 0..L-1 (the RoPE semantics) must disagree, the slot reference must agree."""
     model = _one_layer("gpt2")
-    assert check_positions(model, None, True, "learned") < 1e-5
+    assert check_positions(model, None, True, "learned") <= TOL
     with pytest.raises(CheckFailed, match=r"^\(e\)"):
         check_positions(model, None, True, "rope")
 
@@ -274,6 +276,20 @@ def test_static_cache_matches_the_press(model_type):
     with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
         want = stream(DynamicCache(config=model.config))
     got = stream(cache)
+    # the same logits computed through two caches: the float32 bound for two runs (tests/bounds.py)
     scale = want.abs().max().clamp(min=1.0)
-    assert float((got - want).abs().max() / scale) < 1e-4
+    assert float((got - want).abs().max() / scale) <= float32_bound(model.config, CAPACITY + 4, runs=2)
     RESULTS.setdefault(model_type, {})["static"] = "exact"
+
+
+def test_every_type_of_this_release_has_been_triaged():
+    """A transformers release brings new causal-LM types: each must be served by an adapter or
+    refused by a declared reason (adapters/refusals.py) before it ships here. An unknown one is
+    refused at apply_press too, but nobody has looked at it: this test names them all."""
+    from kvpress_lite.registry import support_for
+
+    untriaged = [t for t in TYPES if support_for(t).status == "unknown"]
+    assert not untriaged, (
+        f"transformers {transformers.__version__} has causal-LM types nobody has triaged: {', '.join(untriaged)}. "
+        "Run tests/conformance/survey.py on them, then add each to an adapter or to adapters/refusals.py."
+    )
