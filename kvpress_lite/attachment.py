@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
@@ -41,6 +43,14 @@ if TYPE_CHECKING:
     from .press import StreamingLLMPress
 
 logger = logging.getLogger(__name__)
+
+
+COMPILE_REFUSAL = (
+    "torch.compile of a model under the eager press: its hooks plan every call in Python on a cache whose "
+    "length changes, so dynamo would recompile at every step. Use the compiled path instead: remove the press "
+    "and pass cache=kvpress_lite.StreamingCache(model, n_sink=..., capacity=...) to the compiled forward or to "
+    "generate() (one graph, never recompiled; see the README, 'Compiled, fixed-size streaming')."
+)
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,8 @@ class Attachment:
 
     # -- hooks -----------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if _under_torch_compile():
+            raise UnsupportedGenerationError(COMPILE_REFUSAL)
         if self.call is not None and self.owner != threading.get_ident() and self.chunked is None:
             raise UnsupportedGenerationError(
                 "this pressed model is already running a call in another thread. A press follows one call at a time "
@@ -367,6 +379,21 @@ class Attachment:
                 )
             return None
         return new
+
+
+def _under_torch_compile() -> bool:
+    """Whether this call runs inside a ``torch.compile``-d callable: dynamo tracing it, or running
+    it eagerly after a graph break (the frame of dynamo's ``compile_wrapper`` is then on the stack;
+    ``torch.compiler.disable``'s wrapper, named otherwise, is not a compile)."""
+    if torch.compiler.is_compiling():
+        return True
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "compile_wrapper" and code.co_filename.endswith(os.path.join("_dynamo", "eval_frame.py")):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _describe(settings: tuple) -> str:

@@ -171,3 +171,19 @@ def test_a_batched_pipeline_gives_each_prompt_its_solo_output():
         solo = [generate(p, **kwargs)[0]["generated_text"] for p in prompts]
         batched = [out[0]["generated_text"] for out in generate(prompts, batch_size=3, **kwargs)]
     assert batched == solo
+
+
+@pytest.mark.parametrize("what", ["forward", "module"])
+def test_compiling_a_model_under_the_eager_press_is_refused_naming_the_compiled_path(what):
+    """torch.compile(model.forward) under apply_press used to recompile at every step (12 steps:
+    22.7 s of dynamo warnings); now the first call says what to use instead."""
+    model = tiny_model("llama", "sdpa")
+    ids = ids_of(3, 9)
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
+        compiled = torch.compile(model.forward if what == "forward" else model)
+        with pytest.raises(kvl.UnsupportedGenerationError, match=r"kvpress_lite\.StreamingCache"):
+            with torch.no_grad():
+                compiled(input_ids=ids, use_cache=True)
+        with torch.no_grad():  # the eager model under the press is untouched by the refusal
+            assert model(input_ids=ids, use_cache=True).logits.shape == (1, 3, 128)
+    torch._dynamo.reset()
