@@ -46,6 +46,9 @@ REFUSED = {
     "for them": ("llama4_text",),
     "its sinusoidal RoPE is built from the sequence length, not from position_ids the press could hand": ("roformer",),
     "the causal-LM wrapper calls the decoder directly and takes no position_ids": ("trocr",),
+    "deprecated in transformers 4.x and removed in 5, so never surveyed: not verified": (
+        "mega", "open-llama", "qdqbert", "speech_to_text_2", "transfo-xl", "xlm-prophetnet",
+    ),
     "the decoder of an encoder-decoder model: kvpress-lite streams decoder-only causal LMs": (
         "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "musicgen",
         "musicgen_melody", "mvp", "pegasus", "plbart", "prophetnet", "whisper",
