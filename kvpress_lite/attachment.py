@@ -35,6 +35,7 @@ from . import cache_access
 from .adapter import Adapter
 from .chunking import ChunkedPrefill
 from .conversation import record_tokens, settings_of, skip_seen_tokens
+from .copies import PressHook, copy_as_usual, copy_without_press, strip_press_hooks
 from .errors import UnsupportedGenerationError, UnsupportedModelError
 from .positions import PositionScheme
 from .stream import CallPlan, Stream, apply_plan, commit_plan, plan_call, rebase, stream_positions
@@ -144,20 +145,23 @@ class Attachment:
         self.owner: Optional[int] = None  # the thread whose call is in flight
         self.chunked: Optional[ChunkedPrefill] = None
         self.handles: list = []
+        strip_press_hooks(model, live=False)  # a pickled copy's inert hooks
         try:
-            self.handles.append(self.base.register_forward_pre_hook(_Hook(self._pre_hook), with_kwargs=True))
-            self.handles.append(self.base.register_forward_hook(_Hook(self._post_hook), with_kwargs=True))
+            self.handles.append(self.base.register_forward_pre_hook(PressHook(self._pre_hook), with_kwargs=True))
+            self.handles.append(self.base.register_forward_hook(PressHook(self._post_hook), with_kwargs=True))
             for attention, idx in zip(attentions, indices):
                 hook = self._attention_hook(idx, adapter.cache_kwarg(attention))
-                self.handles.append(attention.register_forward_hook(_Hook(hook), with_kwargs=True))
+                self.handles.append(attention.register_forward_hook(PressHook(hook), with_kwargs=True))
         except Exception:
             self.detach()
             raise
+        copy_without_press(model, self.base)
 
     def detach(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        copy_as_usual(self.model, self.base)
         self.call = self.chunked = None
 
     # -- hooks -----------------------------------------------------------------------
@@ -400,31 +404,6 @@ def _describe(settings: tuple) -> str:
     n_sink, capacity, ratio, shift, adapter, scheme = settings
     budget = f"capacity={capacity}" if capacity is not None else f"compression_ratio={ratio}"
     return f"n_sink={n_sink}, {budget}, position_shift={shift}, adapter {adapter!r}"
-
-
-def _inert(*args: Any) -> None:
-    """What a press hook becomes in a copy of the model: nothing."""
-    return None
-
-
-class _Hook:
-    """A press hook as registered on a module. A copy of the model (``copy.deepcopy``,
-    ``pickle``) gets an inert hook in its place: the copy is a cleanly unpressed model (apply
-    a press to it if it should stream too), never a half-pressed one sharing this press's
-    streams."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def __call__(self, *args: Any) -> Any:
-        return self.fn(*args)
-
-    def __reduce__(self):
-        return (_inert_hook, ())
-
-
-def _inert_hook() -> Any:
-    return _inert
 
 
 def _layer_index(attention: nn.Module, position: int) -> int:

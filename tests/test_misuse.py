@@ -13,6 +13,7 @@ from transformers import DynamicCache
 
 import kvpress_lite as kvl
 from kvpress_lite import registry
+from kvpress_lite.copies import _inert, press_hooks
 from bounds import assert_float32_close
 from helpers import cache_kwarg, loop_logits
 from tiny_models import tiny_model
@@ -63,6 +64,12 @@ def test_a_copy_of_a_pressed_model_is_a_cleanly_unpressed_model(how):
     press = kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY)
     pressed = loop_logits(model, ids, 5)
     twin = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert press_hooks(model) == 2 + model.config.num_hidden_layers  # the original stays pressed
+    # a deep copy carries none of the press's hooks; a pickled one carries them inert (no code runs after unpickling)
+    assert press_hooks(twin) == (0 if how == "deepcopy" else press_hooks(model))
+    assert all(h is _inert for m in twin.modules() for h in m._forward_hooks.values()) or how == "deepcopy"
+    inner = copy.deepcopy(model.model)  # the decoder the press hooks, copied on its own
+    assert press_hooks(inner) == 0 and press_hooks(model.model) == press_hooks(model)
     torch.testing.assert_close(loop_logits(twin, ids, 5), dense, atol=0, rtol=0)  # the copy does not stream
     causal = torch.full((1, 1, 8, 8), float("-inf")).triu(1)  # and nothing of the press intercepts its calls
     with torch.no_grad():
@@ -73,6 +80,8 @@ def test_a_copy_of_a_pressed_model_is_a_cleanly_unpressed_model(how):
         assert second.stats.streams == 1
     assert press.stats.streams == 1  # the original press never saw the copy's calls
     press.remove()
+    assert press_hooks(model) == 0 and "__deepcopy__" not in vars(model)  # removed: copies as any model
+    assert press_hooks(copy.deepcopy(twin)) == 0
 
 
 def test_a_second_thread_on_a_model_mid_call_is_refused_and_the_first_call_stays_exact():
