@@ -15,6 +15,7 @@ from typing import Optional
 from torch import nn
 
 from .adapter import Adapter, Refusal
+from .chat import Chat, ChatError
 from .positions import (
     AbsoluteEmbedding,
     Alibi,
@@ -76,6 +77,8 @@ __all__ = [
     "Adapter",
     "AdapterInfo",
     "Alibi",
+    "Chat",
+    "ChatError",
     "KVPressLiteError",
     "PositionScheme",
     "PressAlreadyAppliedError",

@@ -40,10 +40,11 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
+from kvpress_lite.chat import ChatError, ChatTemplate, stop_token_ids
 from kvpress_lite.errors import KVPressLiteError
 
 logger = logging.getLogger(__name__)
@@ -52,91 +53,6 @@ DEFAULT_N_SINK = 4
 DEFAULT_CAPACITY = 256
 DEFAULT_MAX_NEW_TOKENS = 200
 DEFAULT_SCRIPT = Path(__file__).resolve().parent / "data" / "chat_script.json"
-
-# stands in for the last reply while the template renders; no template alters it
-_MARK = "KVPRESSLITEREPLYMARKER7Q"
-
-
-class ChatError(KVPressLiteError, ValueError):
-    """A chat cannot start or go on: a tokenizer without a chat template, an empty script, a
-    session whose last turn was interrupted."""
-
-
-# ------------------------------------------------------------------------------ rendering
-
-
-class ChatTemplate:
-    """Token ids of each new turn, rendered by ``tokenizer``'s chat template.
-
-    ``first_turn(message)`` gives the ids of the (optional) system prompt, the first user
-    message and the generation prompt; ``next_turn(history, message, last_token)`` the ids to
-    append after a reply whose last generated token was ``last_token``. ``end_of_turn_id``
-    is the token the template closes a reply with (None when it writes none or plain text).
-    """
-
-    def __init__(self, tokenizer: Any, system: Optional[str] = None):
-        if not getattr(tokenizer, "chat_template", None):
-            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-            raise ChatError(
-                f"the tokenizer of {name!r} has no chat template, so a conversation cannot be rendered. Use an "
-                "instruct/chat model whose tokenizer_config.json (or chat_template.jinja) carries one, or set "
-                "tokenizer.chat_template before starting the chat."
-            )
-        self.tokenizer = tokenizer
-        self.system = system
-        self._base = [{"role": "system", "content": system}] if system else []
-        probe = [{"role": "user", "content": "Hi"}]
-        self.after_reply = self._after_mark(self._render(probe + [{"role": "assistant", "content": _MARK}], False))
-        ids = self.encode(self.after_reply)
-        self.end_of_turn_id = ids[0] if ids and self._is_special(ids[0]) else None
-        self._check_append_only()
-
-    def _render(self, messages: list, add_generation_prompt: bool) -> str:
-        try:
-            return self.tokenizer.apply_chat_template(self._base + messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
-        except Exception as exc:  # jinja's TemplateError (raise_exception in templates) and the like
-            raise ChatError(f"the chat template refused the conversation: {exc}") from exc
-
-    @staticmethod
-    def _after_mark(text: str) -> str:
-        at = text.rfind(_MARK)
-        if at < 0:
-            raise ChatError("the chat template drops assistant replies from the conversation, so a turn cannot be "
-                            "rendered on its own after a reply")
-        return text[at + len(_MARK):]
-
-    def _is_special(self, token_id: int) -> bool:
-        return self.tokenizer.decode([token_id], skip_special_tokens=True) == ""
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without added BOS/EOS (as ``apply_chat_template`` tokenizes)."""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def first_turn(self, message: str) -> list[int]:
-        return self.encode(self._render([{"role": "user", "content": message}], True))
-
-    def next_turn(self, history: Sequence[dict], message: str, last_token: Optional[int]) -> list[int]:
-        """Ids to append after a reply: the template's text after the reply, less the
-        end-of-turn token when the reply already ends with it, then the new user turn and the
-        generation prompt. ``history`` holds the messages before that reply."""
-        messages = list(history) + [{"role": "assistant", "content": _MARK}, {"role": "user", "content": message}]
-        text = self._after_mark(self._render(messages, True))
-        if last_token is not None and self._is_special(last_token):
-            closing = self.tokenizer.decode([last_token], skip_special_tokens=False)
-            if closing and text.startswith(closing):
-                text = text[len(closing):]
-        return self.encode(text)
-
-    def _check_append_only(self) -> None:
-        """Warn when the template re-renders earlier turns once later ones exist (the chat
-        still appends, as the press requires, so it then differs from a whole-conversation render)."""
-        first = self._render([{"role": "user", "content": "Hi"}], True)
-        later = self._render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _MARK},
-                              {"role": "user", "content": "Bye"}], True)
-        if not later.startswith(first):
-            logger.warning("the chat template renders earlier turns differently once later turns exist; each turn is "
-                           "appended as first rendered")
 
 
 # ------------------------------------------------------------------------------- a session
@@ -222,7 +138,7 @@ class ChatSession:
         self.sampling = {}
         if do_sample:
             self.sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None}
-        self.stop_ids = self._stop_ids()
+        self.stop_ids = stop_token_ids(model, tokenizer, self.template)
         pad = getattr(model.generation_config, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else self.stop_ids[0]
         self.cache_kwarg = model_cache_kwarg(model)
@@ -234,19 +150,6 @@ class ChatSession:
         self.press = kvl.apply_press(model, n_sink=n_sink, capacity=capacity)
         logger.info("chat on %s: n_sink=%d, capacity=%d, stop tokens %s", type(model).__name__, n_sink, capacity,
                     self.stop_ids)
-
-    def _stop_ids(self) -> list[int]:
-        """The model's EOS ids (its generation config, else the tokenizer's) and the template's end-of-turn token."""
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = getattr(self.tokenizer, "eos_token_id", None)
-        ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-        if self.template.end_of_turn_id is not None and self.template.end_of_turn_id not in ids:
-            ids.append(int(self.template.end_of_turn_id))
-        if not ids:
-            raise ChatError("neither the model, the tokenizer nor the chat template names an end-of-turn token, so a "
-                            "reply could not end before max_new_tokens")
-        return ids
 
     @property
     def conversation_tokens(self) -> int:
