@@ -92,6 +92,17 @@ def _write(args: argparse.Namespace, results: dict, markdown: Callable[[dict], s
     return 0
 
 
+def _rerender(args: argparse.Namespace, markdown: Callable[[dict], str], plot: Callable) -> int:
+    return _write(args, report.load_json(args.from_json), markdown, {Path(args.from_json).stem: plot})
+
+
+def _check_budget(args: argparse.Namespace) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.capacity <= args.n_sink:
+        raise SystemExit(f"--capacity ({args.capacity}) must exceed --n-sink ({args.n_sink})")
+
+
 # -- perplexity ----------------------------------------------------------------------------
 def add_perplexity(subparsers) -> argparse.ArgumentParser:
     """Register ``kvpress-lite perplexity``."""
@@ -148,12 +159,9 @@ def run_perplexity(args: argparse.Namespace) -> int:
     from .perplexity_report import markdown, plot
     from .texts import load_text
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.from_json:
-        return _write(args, report.load_json(args.from_json), markdown, {Path(args.from_json).stem: plot})
-    if args.capacity <= args.n_sink:
-        raise SystemExit(f"--capacity ({args.capacity}) must exceed --n-sink ({args.n_sink})")
+        return _rerender(args, markdown, plot)
+    _check_budget(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -322,3 +330,58 @@ def run_compiled(args: argparse.Namespace) -> int:
         print(f"kvpress-lite compiled: {exc}", file=sys.stderr)
         return 2
     return _write(args, results, markdown, {"latency": plot})
+
+
+# -- longrun -----------------------------------------------------------------------------------
+def add_longrun(subparsers) -> argparse.ArgumentParser:
+    """Register ``kvpress-lite longrun``."""
+    p = subparsers.add_parser(
+        "longrun", help="a long stream on real weights: compiled StreamingCache, perplexity per block, memory",
+        description="Streams --tokens consecutive tokens of a text through the compiled kvpress_lite.StreamingCache, "
+                    "one token per call, scoring every next token; reports perplexity per --block, tokens/s and "
+                    "process memory over the stream, beside dense over the first --dense-tokens.")
+    p.add_argument("--model", default="default", help="embedded model (default, gemma3-270m) or a model folder")
+    p.add_argument("--text", default="war_and_peace", help="text name or path (default: %(default)s)")
+    p.add_argument("--tokens", type=lambda s: _ints(s)[0] if s.endswith("k") else int(s), default=100_000,
+                   help="tokens to stream (default: %(default)s)")
+    p.add_argument("--n-sink", type=int, default=4)
+    p.add_argument("--capacity", type=int, default=1024)
+    p.add_argument("--block", type=int, default=4096, help="report every this many tokens (default: %(default)s)")
+    p.add_argument("--dense-tokens", type=int, default=16384,
+                   help="dense over this many tokens first, 0 for none (default: %(default)s)")
+    p.add_argument("--eager", action="store_true", help="do not compile (for a quick look)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    _output_arguments(p, "benchmarks/results/longrun", "<model>")
+    p.set_defaults(func=run_longrun)
+    return p
+
+
+def run_longrun(args: argparse.Namespace) -> int:
+    import torch
+
+    from .embedded import model_display_name, needs_bos
+    from .longrun import markdown, plot, run_longrun as measure
+    from .models import load
+    from .perplexity import tokenize_prefix
+    from .texts import load_text
+
+    if args.from_json:
+        return _rerender(args, markdown, plot)
+    _check_budget(args)
+    if args.tokens < 2 or args.block < 1:
+        raise SystemExit("--tokens must be at least 2 and --block at least 1")
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load(args.model)
+    if tokenizer is None:
+        raise SystemExit(f"kvpress-lite longrun: {args.model!r} has random weights and no tokenizer; stream real "
+                         "text with an embedded model (default, gemma3-270m) or a local model folder")
+    name = model_display_name(args.model)
+    if args.name == "<model>":
+        args.name = name
+    ids = tokenize_prefix(tokenizer, load_text(args.text), args.tokens + 1, bos=needs_bos(args.model, model))
+    meta = report.run_metadata("cpu", report.command_line("longrun"), model=name, text=args.text,
+                               torch_threads=args.threads, dtype=str(model.dtype))
+    results = measure(model, ids, n_sink=args.n_sink, capacity=args.capacity, block=args.block,
+                      dense_tokens=min(args.dense_tokens, args.tokens), compile=not args.eager,
+                      partial=Path(args.out) / f"{args.name}.partial.json", metadata=meta, progress=args.progress)
+    return _write(args, results, markdown, {args.name: plot})
