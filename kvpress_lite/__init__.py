@@ -35,6 +35,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .hookspecs import hookimpl
+from .persist import load_cache, save_cache
 from .press import PressStats, StreamingLLMPress
 from .registry import AdapterInfo, available_adapters, find_adapter
 from .static import StreamingCache
@@ -79,6 +80,8 @@ __all__ = [
     "Alibi",
     "Chat",
     "ChatError",
+    "load_cache",
+    "save_cache",
     "KVPressLiteError",
     "PositionScheme",
     "PressAlreadyAppliedError",
