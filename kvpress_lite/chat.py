@@ -22,7 +22,10 @@ instead), so an edited conversation is never continued silently.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -142,6 +145,37 @@ def stop_token_ids(model: Any, tokenizer: Any, template: ChatTemplate) -> list[i
     return ids
 
 
+@dataclass
+class Reply:
+    """One answer of :meth:`Chat.reply`: its text and token ids, why it ended (``"stop"``: an
+    end-of-turn token or a stop string; ``"length"``: ``max_new_tokens``), the conversation's
+    length before it (``prompt_tokens``), the ids fed for it (``fed_tokens``: the new messages
+    only, unless a new stream started) and, when asked, per token ``(id, logprob, [(id,
+    logprob), ...])``."""
+
+    text: str
+    ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    fed_tokens: int
+    logprobs: Optional[list] = None
+
+
+def _logprobs(logits: Sequence[torch.Tensor], ids: list[int], top: int) -> list:
+    out = []
+    for step, token in zip(logits, ids):
+        lp = torch.log_softmax(step[0].float(), dim=-1)
+        best = lp.topk(top) if top else None
+        out.append((token, float(lp[token]),
+                    [] if best is None else [(int(i), float(v)) for v, i in zip(best.values, best.indices)]))
+    return out
+
+
+def messages_key(messages: Sequence[dict]) -> str:
+    """A stable digest of ``messages`` (role, stripped content, other fields)."""
+    return hashlib.sha256(json.dumps([_key(m) for m in messages]).encode()).hexdigest()[:32]
+
+
 def _key(message: Any) -> tuple:
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ChatError(f"each message must be a dict with a 'role' and a 'content', got {message!r}")
@@ -190,6 +224,7 @@ class Chat:
         self.sequences: Optional[torch.Tensor] = None
         self.cache: Any = None
         self.restarts = 0
+        self.last: Optional[Reply] = None
         self.fed_tokens = 0  # ids fed by the last reply() call (the new turn, or the whole list after an edit)
 
     def _new_ids(self, messages: list) -> list[int]:
@@ -211,10 +246,14 @@ class Chat:
             self.sequences = self.cache = None
         return self.template.first_turn(messages)
 
-    def reply(self, messages: Sequence[dict], max_new_tokens: int = 256, **generate_kwargs: Any) -> str:
+    def reply(self, messages: Sequence[dict], max_new_tokens: int = 256, *, stop: Optional[Sequence[str]] = None,
+              logprobs: Optional[int] = None, **generate_kwargs: Any) -> str:
         """Answer the last message of ``messages``; returns the reply's text (append it to
-        ``messages`` as the assistant's message, as any chat loop does). ``generate_kwargs``
-        go to ``model.generate`` (``do_sample``, ``temperature``, ``top_p``, ``streamer``, ...)."""
+        ``messages`` as the assistant's message, as any chat loop does). ``stop``: strings that
+        end the reply (cut before them). ``logprobs``: note each reply token's log-probability
+        and the ``logprobs`` likeliest alternatives (in :attr:`last`). ``generate_kwargs`` go
+        to ``model.generate`` (``do_sample``, ``temperature``, ``top_p``, ``streamer``, ...).
+        :attr:`last` describes the turn (:class:`Reply`)."""
         from .cache_access import output_cache
 
         messages = list(messages)
@@ -229,15 +268,48 @@ class Chat:
         self.held, self.history, self.sequences, self.cache = [], [], None, None
         generate_kwargs.setdefault("eos_token_id", self.stop_ids)
         generate_kwargs.setdefault("pad_token_id", self.pad_token_id)
+        if stop:
+            generate_kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+        if logprobs is not None:
+            generate_kwargs["output_logits"] = True
         with torch.no_grad():
             out = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
                                       return_dict_in_generate=True, **extra, **generate_kwargs)
         self.sequences, self.cache, self.fed_tokens = out.sequences, output_cache(out), int(new.shape[1])
-        self.last_reply_ids = out.sequences[0, inputs.shape[1]:].tolist()
-        text = self.tokenizer.decode(self.last_reply_ids, skip_special_tokens=True).strip()
+        ids = out.sequences[0, inputs.shape[1]:].tolist()
+        self.last_reply_ids = ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((at for at in (text.find(s) for s in stop or ()) if at >= 0), default=-1)
+        finish = "stop" if cut >= 0 or (ids and ids[-1] in self.stop_ids) else "length"
+        text = (text[:cut] if cut >= 0 else text).strip()
+        self.last = Reply(text=text, ids=ids, finish_reason=finish, prompt_tokens=int(inputs.shape[1]),
+                          fed_tokens=self.fed_tokens,
+                          logprobs=_logprobs(out.logits, ids, logprobs) if logprobs is not None else None)
         self.history = messages + [{"role": "assistant", "content": text}]
         self.held = [_key(m) for m in self.history]
         return text
+
+    @property
+    def key(self) -> Optional[str]:
+        """A digest of the messages this chat holds (None before the first reply): what a
+        server files the conversation under, to find it from the next request's messages."""
+        return messages_key(self.history) if self.held else None
+
+    def save(self, path: Any) -> Any:
+        """Write the conversation (messages, token ids, the pressed cache) to ``path``, atomically."""
+        from .persist import save_cache
+
+        if not self.held:
+            raise ChatError("nothing to save: the chat has not answered yet (or its last turn was interrupted)")
+        return save_cache(self.cache, path, extra={"history": self.history, "sequences": self.sequences})
+
+    def restore(self, path: Any) -> None:
+        """Continue the conversation :meth:`save` wrote to ``path`` (same model and press settings)."""
+        from .persist import load_cache
+
+        cache, extra = load_cache(path, self.model)
+        self.cache, self.sequences, self.history = cache, extra["sequences"], list(extra["history"])
+        self.held = [_key(m) for m in self.history]
 
     def close(self) -> None:
         """Remove the press this chat applied (a shared press stays)."""

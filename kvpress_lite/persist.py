@@ -103,7 +103,7 @@ class _Reader:
 
 def save_cache(cache: Any, path: str | os.PathLike, extra: Optional[dict] = None) -> Path:
     """Write ``cache`` (a ``DynamicCache`` a press filled, or any dynamic cache) and ``extra``
-    (JSON-able) to ``path``, atomically. Returns the path.
+    (numbers, strings, lists, dicts and tensors) to ``path``, atomically. Returns the path.
 
     >>> save_cache(cache, "session.safetensors", extra={"turn": 3})      # doctest: +SKIP
     """
@@ -116,7 +116,7 @@ def save_cache(cache: Any, path: str | os.PathLike, extra: Optional[dict] = None
         "cache_class": type(cache).__name__,
         "layers": [{"class": type(layer).__name__, "state": writer.encode(dict(vars(layer)))} for layer in layers],
         "stream": writer.encode(cache_access.stream_of(cache)),
-        "extra": extra or {},
+        "extra": writer.encode(extra or {}),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,4 +167,4 @@ def load_cache(path: str | os.PathLike, model: nn.Module) -> tuple[Any, dict]:
     stream = reader.decode(structure["stream"])
     if stream is not None:
         cache_access.attach_stream(cache, stream)
-    return cache, structure["extra"]
+    return cache, reader.decode(structure["extra"])

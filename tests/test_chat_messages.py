@@ -44,19 +44,24 @@ def test_the_messages_loop_continues_exactly_like_the_reference_loop():
     assert {r[-1] == EOS for r in ref[:-1]} == {True, False}  # turns after a closed and after a cut reply
 
 
+def rendered(tok, messages):
+    out = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    return out if torch.is_tensor(out) else out["input_ids"]  # a BatchEncoding on transformers 5
+
+
 def test_without_the_helper_the_re_rendered_loop_is_refused_at_turn_two():
     """The trap the helper exists for: re-render, re-tokenize, pass the cache back."""
     model, tok = tiny_chat_model(), tiny_tokenizer()
     messages = [{"role": "user", "content": "Hello there!"}]
     with kvl.apply_press(model, n_sink=2, capacity=24):
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = {"input_ids": rendered(tok, messages)}
         out = model.generate(**ids, max_new_tokens=12, eos_token_id=EOS, pad_token_id=0, return_dict_in_generate=True,
                              do_sample=False)
         reply_ids = out.sequences[0, ids["input_ids"].shape[1]:].tolist()
         # make the re-encoding differ from what was generated, as BPE merges do on real tokenizers
         messages += [{"role": "assistant", "content": tok.decode(reply_ids, skip_special_tokens=True) + " "},
                      {"role": "user", "content": "Again"}]
-        again = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        again = {"input_ids": rendered(tok, messages)}
         with pytest.raises(kvl.UnsupportedGenerationError, match="edited or re-tokenized"):
             model.generate(**again, **{model_cache_kwarg(model): out.past_key_values}, max_new_tokens=4,
                            pad_token_id=0)

@@ -3,8 +3,10 @@ run itself is a benchmark; its results are in benchmarks/results/longrun)."""
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 import kvpress_lite as kvl
 from bounds import float32_bound
@@ -31,6 +33,10 @@ def test_long_run_scores_every_token_keeps_memory_fixed_and_reports_blocks(tmp_p
     model = tiny_model("llama")
     ids = torch.randint(0, model.config.vocab_size, (TOKENS + 1,), generator=torch.Generator().manual_seed(0))
     partial = tmp_path / "run.partial.json"
+    if int(transformers.__version__.split(".")[0]) < 5:  # StreamingCache needs transformers 5: said, not crashed
+        with pytest.raises(kvl.UnsupportedModelError, match="needs transformers >= 5"):
+            run_longrun(model, ids, n_sink=N_SINK, capacity=CAPACITY, block=BLOCK, dense_tokens=0)
+        return
     res = run_longrun(model, ids, n_sink=N_SINK, capacity=CAPACITY, block=BLOCK, dense_tokens=80, dense_chunk=16,
                       compile=True, partial=partial, metadata={"model": "tiny", "text": "random"})
     s = res["summary"]
