@@ -190,7 +190,8 @@ class Chat:
 
     ``press``: an existing press on ``model`` to share (several chats, one press: each chat
     is its own stream); without it the chat applies one (``n_sink``, ``capacity``) and
-    :meth:`close` removes it. ``on_edit``: ``"restart"`` (default: a list that does not
+    :meth:`close` removes it; ``press=False``: no press (the dense model, the baseline a
+    measurement sets beside the press). ``on_edit``: ``"restart"`` (default: a list that does not
     extend the held conversation starts a new stream from the whole list) or ``"raise"``.
 
     >>> with Chat(model, tokenizer, capacity=256) as chat:                # doctest: +SKIP
@@ -209,12 +210,12 @@ class Chat:
         pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else self.stop_ids[0]
         self.cache_kwarg = model_cache_kwarg(model)
-        self._own_press = press is None
+        self._own_press, self.closed = press is None, False
         if press is None:
             from . import apply_press
 
             press = apply_press(model, n_sink=n_sink, capacity=capacity)
-        self.press = press
+        self.press = press or None
         self.reset()
 
     def reset(self) -> None:
@@ -259,7 +260,7 @@ class Chat:
         messages = list(messages)
         if not messages:
             raise ChatError("messages is empty: give at least one user message")
-        if self.press is None:
+        if self.closed:
             raise ChatError("the chat is closed")
         new = torch.tensor([self._new_ids(messages)], dtype=torch.long)
         inputs = new if self.sequences is None else torch.cat([self.sequences, new], dim=1)
@@ -315,7 +316,7 @@ class Chat:
         """Remove the press this chat applied (a shared press stays)."""
         if self.press is not None and self._own_press:
             self.press.remove()
-        self.press = None
+        self.press, self.closed = None, True
 
     def __enter__(self) -> "Chat":
         return self

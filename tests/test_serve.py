@@ -77,9 +77,9 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(10)
-        model = self.app.state.server.store.model
-        self.app.state.server.store.press.remove()
-        assert model is not None
+        press = self.app.state.server.store.press
+        if press:
+            press.remove()
 
     @property
     def url(self):
@@ -281,6 +281,21 @@ def test_with_one_session_in_memory_two_conversations_continue_from_disk(tmp_pat
     assert [m["content"] for m in a[1::2]] == want_a and [m["content"] for m in b[1::2]] == want_b
     assert found == ["new", "new"] + ["disk"] * 4
     assert len(list((tmp_path / "state").glob("*.safetensors"))) == 2  # one file per conversation
+
+
+def test_the_dense_baseline_is_the_same_server_without_a_press(tmp_path):
+    model = tiny_chat_model()
+    with serve(tmp_path, model=model, dense=True) as live:
+        _, replies = talk(live.client(), USERS[:4])
+    extra = [r.model_extra["kvpress_lite"] for _, r in replies]
+    assert [e["cache_length"] for e in extra] == [[e["conversation_tokens"] - 1] * 2 for e in extra]  # keeps all
+    assert extra[-1]["conversation_tokens"] > CAPACITY and extra[-1]["capacity"] is None
+    with kvl.Chat(model, tiny_tokenizer(), press=False) as chat:  # what the dense model answers
+        messages = []
+        for user, (text, _) in zip(USERS[:4], replies):
+            messages.append({"role": "user", "content": user})
+            assert chat.reply(messages, max_new_tokens=10, do_sample=False) == text
+            messages.append({"role": "assistant", "content": text})
 
 
 def start_server(model_dir, state_dir, port):

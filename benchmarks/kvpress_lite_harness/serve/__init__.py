@@ -35,8 +35,9 @@ def default_state_dir(model_name: str, n_sink: int, capacity: int) -> Path:
 
 def make_app(model: Any, tokenizer: Any, *, model_name: str, n_sink: int = 4, capacity: int = 256,
              state_dir: str | Path, max_sessions: int = 64, api_key: str | None = None,
-             max_request_tokens: int = 8192, max_tokens: int = 256) -> Any:
+             max_request_tokens: int = 8192, max_tokens: int = 256, dense: bool = False) -> Any:
     """Press ``model`` and build the app (the press stays on the model for the app's life).
+    ``dense=True``: no press, the same server otherwise (the baseline of ``kvpress-lite bench-serve``).
 
     >>> app = make_app(model, tokenizer, model_name="tiny", state_dir="/tmp/s")   # doctest: +SKIP
     """
@@ -47,7 +48,7 @@ def make_app(model: Any, tokenizer: Any, *, model_name: str, n_sink: int = 4, ca
     from .sessions import SessionStore
 
     ChatTemplate(tokenizer)  # refuses a tokenizer without a chat template before anything is pressed
-    press = kvl.apply_press(model, n_sink=n_sink, capacity=capacity)
+    press = False if dense else kvl.apply_press(model, n_sink=n_sink, capacity=capacity)
     store = SessionStore(model, tokenizer, press, state_dir=state_dir, max_sessions=max_sessions)
     settings = ServerSettings(model_name=model_name, api_key=api_key, max_request_tokens=max_request_tokens,
                               default_max_tokens=max_tokens)
@@ -77,6 +78,8 @@ def add_parser(subparsers) -> Any:
                    help="most tokens of one message (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=256, help="reply length when a request names none")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--dense", action="store_true",
+                   help="no press: the same server with the dense model, whose memory grows every turn (a baseline)")
     p.set_defaults(func=run)
     return p
 
@@ -110,11 +113,12 @@ def run(args: Any) -> int:
         state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(name, args.n_sink, args.capacity)
         app = make_app(model, tokenizer, model_name=name, n_sink=args.n_sink, capacity=args.capacity,
                        state_dir=state_dir, max_sessions=args.max_sessions, api_key=args.api_key,
-                       max_request_tokens=args.max_request_tokens, max_tokens=args.max_tokens)
+                       max_request_tokens=args.max_request_tokens, max_tokens=args.max_tokens, dense=args.dense)
     except (KVPressLiteError, ModelNotAvailableError, ValueError, OSError) as exc:
         print(f"kvpress-lite serve: {exc}", file=sys.stderr)
         return 2
-    print(f"serving {name} (n_sink={args.n_sink}, capacity={args.capacity}) on http://{args.host}:{args.port}/v1; "
+    what = "dense, no press" if args.dense else f"n_sink={args.n_sink}, capacity={args.capacity}"
+    print(f"serving {name} ({what}) on http://{args.host}:{args.port}/v1; "
           f"sessions in {state_dir}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

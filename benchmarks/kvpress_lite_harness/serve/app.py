@@ -218,10 +218,12 @@ def _usage(session: Session) -> dict:
 
 
 def _extension(session: Session) -> dict:
-    stats = session.chat.press.stats
-    return {"session": session.id, "found": session.origin,
-            "conversation_tokens": int(session.chat.sequences.shape[1]),
-            "cache_length": list(stats.cache_length), "capacity": stats.capacity}
+    from kvpress_lite.cache_access import cache_layers, layer_length
+
+    chat = session.chat
+    return {"session": session.id, "found": session.origin, "conversation_tokens": int(chat.sequences.shape[1]),
+            "cache_length": [layer_length(layer) for layer in cache_layers(chat.cache)],
+            "capacity": chat.press.capacity if chat.press is not None else None}
 
 
 def _logprobs_field(session: Session, tokenizer: Any) -> Optional[dict]:
