@@ -385,3 +385,42 @@ def run_longrun(args: argparse.Namespace) -> int:
                       dense_tokens=min(args.dense_tokens, args.tokens), compile=not args.eager,
                       partial=Path(args.out) / f"{args.name}.partial.json", metadata=meta, progress=args.progress)
     return _write(args, results, markdown, {args.name: plot})
+
+
+# -- bench-serve -------------------------------------------------------------------------------
+def add_bench_serve(subparsers) -> argparse.ArgumentParser:
+    """Register ``kvpress-lite bench-serve``."""
+    p = subparsers.add_parser(
+        "bench-serve", help="simulated users against kvpress-lite serve: latency by turn and server memory, "
+                            "press beside dense",
+        description="Starts kvpress-lite serve (the press, then --dense) on a loopback port and plays USERS "
+                    "concurrent streamed conversations of TURNS turns each through the openai client; reports "
+                    "requests served, errors, time to first token and per-token latency by turn, and the server's "
+                    "RSS over the run.")
+    p.add_argument("--model", default=None, help="model folder or embedded name (default: the embedded SmolLM2)")
+    p.add_argument("--users", type=int, default=3)
+    p.add_argument("--turns", type=int, default=12)
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens a reply (default %(default)s)")
+    p.add_argument("--n-sink", type=int, default=4)
+    p.add_argument("--capacity", type=int, default=256)
+    p.add_argument("--timeout", type=float, default=300, help="seconds a request may take (default %(default)s)")
+    p.add_argument("--modes", type=_names, default=["press", "dense"], help="press,dense (default: both)")
+    _output_arguments(p, "benchmarks/results/serve", "load")
+    p.set_defaults(func=run_bench_serve)
+    return p
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    from .serve.load import markdown, plot, run_load
+
+    if args.from_json:
+        return _rerender(args, markdown, plot)
+    _check_budget(args)
+    bad = [m for m in args.modes if m not in ("press", "dense")]
+    if bad or args.users < 1 or args.turns < 2 or args.max_tokens < 1:
+        raise SystemExit("--modes takes press and/or dense; --users >= 1, --turns >= 2, --max-tokens >= 1")
+    meta = report.run_metadata("cpu", report.command_line("bench-serve"), model=args.model or "default")
+    results = run_load(model=args.model, users=args.users, turns=args.turns, max_tokens=args.max_tokens,
+                       n_sink=args.n_sink, capacity=args.capacity, timeout_s=args.timeout, modes=tuple(args.modes),
+                       progress=args.progress, metadata=meta)
+    return _write(args, results, markdown, {args.name: plot})
