@@ -369,3 +369,15 @@ def test_smollm2_through_the_server_gives_the_tokens_chat_gives(tmp_path):
     last = replies[-1][1].model_extra["kvpress_lite"]
     assert last["found"] == "memory" and last["cache_length"] == [256] * 30
     assert last["conversation_tokens"] == conversation > 3 * 256
+
+
+def test_the_load_run_serves_every_request_of_both_modes(tiny_dir):
+    from kvpress_lite_harness.serve.load import markdown, run_load
+
+    res = run_load(model=str(tiny_dir), users=2, turns=2, max_tokens=4, n_sink=2, capacity=CAPACITY, progress=False)
+    for mode in ("press", "dense"):
+        run = res["runs"][mode]
+        assert run["served"] == run["requests"] == 4 and not run["errors"]
+        assert [t["served"] for t in run["by_turn"]] == [2, 2] and run["rss_samples"]
+        assert all(t["ttft_p50_ms"] > 0 for t in run["by_turn"])
+    assert "| 2 |" in markdown(res)
