@@ -381,3 +381,16 @@ def test_the_load_run_serves_every_request_of_both_modes(tiny_dir):
         assert [t["served"] for t in run["by_turn"]] == [2, 2] and run["rss_samples"]
         assert all(t["ttft_p50_ms"] > 0 for t in run["by_turn"])
     assert "| 2 |" in markdown(res)
+
+
+def test_sampling_follows_the_seed(tmp_path):
+    with serve(tmp_path) as live:
+        client = live.client()
+
+        def sample(seed, user):
+            return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": user}],
+                                                  max_tokens=12, temperature=1.5, top_p=0.95,
+                                                  seed=seed).choices[0].message.content
+
+        assert sample(1, "Hi") == sample(1, "Hi")  # a new session each time: the same draw
+        assert len({sample(s, "Hi") for s in range(2, 6)}) > 1  # other seeds, other draws
