@@ -7,6 +7,7 @@ installed (never in CI); the first run of each converts its GGUF (about a minute
 in ``$KVPRESS_LITE_CACHE`` or ``~/.cache/kvpress-lite``), later runs take ~15-25 s.
 """
 
+import functools
 import importlib.util
 import json
 import math
@@ -150,9 +151,11 @@ def _full_forward_ppl(model, ids):
     return math.exp(torch.nn.functional.cross_entropy(logits[:-1], ids[1:]).item())
 
 
+@functools.lru_cache(maxsize=None)
 def nll_bound(model) -> float:
     """Two float32 runs of a T-token stream: a log-softmax moves by at most twice the largest
-    logit change, which tests/bounds.py bounds (scaled by the logits' magnitude)."""
+    logit change, which tests/bounds.py bounds (scaled by the logits' magnitude). Computed
+    once per model."""
     with torch.no_grad():
         scale = float(model(input_ids=torch.arange(T)[None] % 128).logits.abs().max().clamp(min=1.0))
     return 2 * float32_bound(model.config, T, runs=2) * scale

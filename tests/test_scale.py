@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import kvpress_lite as kvl
 from kvpress_lite.cache_access import cache_layers, model_cache_kwarg
 from bounds import assert_float32_close
-from tiny_models import tiny_model
+from tiny_models import tiny_config, tiny_model
 
 N_SINK, CAPACITY = 4, 16
 TOKENS, PROMPT = 60, 20  # stream: a 20-token prompt (over capacity: chunked), then 39 single tokens
@@ -107,7 +107,7 @@ def single(model_dir, ids) -> dict:
 
 def assert_same_run(got: dict, want: dict) -> None:
     """Split over ranks (an all-reduce) or offloaded: the same sums in another order (tests/bounds.py)."""
-    config = tiny_model("llama", num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS).config
+    config = tiny_config("llama", num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS)
     kv = CAPACITY + PROMPT  # a prompt chunk attends to the cache and itself
     assert_float32_close(got["logits"], want["logits"], config, kv, runs=2)
     assert torch.equal(got["sequences"], want["sequences"])
