@@ -39,6 +39,7 @@ from .persist import load_cache, save_cache
 from .press import PressStats, StreamingLLMPress
 from .registry import AdapterInfo, available_adapters, find_adapter
 from .static import StreamingCache
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -82,6 +83,8 @@ __all__ = [
     "ChatError",
     "load_cache",
     "save_cache",
+    "verify",
+    "VerifyReport",
     "KVPressLiteError",
     "PositionScheme",
     "PressAlreadyAppliedError",

@@ -1,4 +1,4 @@
-"""``kvpress-lite`` command line: ``adapters`` and ``demo``, plus the subcommands other packages
+"""``kvpress-lite`` command line: ``adapters``, ``demo`` and ``verify``, plus the subcommands other packages
 add through the ``kvpress_lite.commands`` entry points (the harness in ``benchmarks/`` adds
 ``perplexity``, ``bench``, ``compiled`` and ``chat``).
 
@@ -119,6 +119,41 @@ def _add_plugin_commands(sub) -> None:
             missing.add_argument("rest", nargs="*")
 
 
+def _load_for_verify(spec: str):
+    """A local model folder (transformers' from_pretrained), else an embedded model of the harness."""
+    import os
+
+    if os.path.isdir(spec):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(spec, dtype="float32")
+    try:
+        from kvpress_lite_harness.embedded import load_model
+    except ImportError:
+        raise SystemExit(f"kvpress-lite verify: {spec!r} is not a model folder (embedded model names need the "
+                         f"harness: {HARNESS_HINT})") from None
+    try:
+        return load_model(spec)[0]
+    except Exception as exc:  # the harness names what is missing
+        raise SystemExit(f"kvpress-lite verify: cannot load {spec!r}: {exc}") from exc
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Run the exactness checks on the user's model; exit 0 only when every check ran and passed."""
+    import kvpress_lite as kvl
+
+    model = _load_for_verify(args.model)
+    start = time.perf_counter()
+    try:
+        report = kvl.verify(model, adapter=args.adapter)
+    except kvl.UnsupportedModelError as exc:
+        print(f"kvpress-lite verify: {exc}", file=sys.stderr)
+        return 2
+    print(report)
+    print(f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    return 0 if report.exact else 1
+
+
 def _harness_missing(name: str):
     def run(args: argparse.Namespace) -> int:
         print(f"kvpress-lite {name}: this command comes with kvpress-lite's measuring harness, which is not "
@@ -148,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-sink", type=int, default=4)
     demo.add_argument("--capacity", type=int, default=128)
     demo.set_defaults(func=_demo)
+
+    verify = sub.add_parser("verify", help="check that the press is exact on your model (real weights, its first "
+                                           "layers of each type, seconds on a CPU)")
+    verify.add_argument("model", help="a local model folder, or an embedded model's name (with the harness)")
+    verify.add_argument("--adapter", default=None, help="check this adapter instead of the registry's choice")
+    verify.set_defaults(func=_verify)
 
     _add_plugin_commands(sub)
     return parser

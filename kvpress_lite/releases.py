@@ -63,7 +63,8 @@ def warn_if_unverified() -> None:
         _warned = True
         logger.warning(
             "kvpress-lite: transformers %s is newer than the newest release kvpress-lite was verified on (%s); "
-            "families may have changed. Run the conformance suite on it (`make test-latest` in a kvpress-lite "
-            "checkout) before trusting the press on this release.",
+            "families may have changed. Check your model on it with `kvpress-lite verify MODEL` (or "
+            "`kvl.verify(model)`), or run the whole conformance suite (`make test-latest` in a kvpress-lite "
+            "checkout), before trusting the press on this release.",
             installed, NEWEST_VERIFIED,
         )

@@ -1,0 +1,235 @@
+"""Is the press exact on *this* model? ``kvl.verify(model)`` / ``kvpress-lite verify MODEL``.
+
+The conformance suite proves each family exact on tiny random models. This runs the same
+kind of checks on a user's own model, with its real weights and config, on a copy cut to
+its first layers (one per layer type for the one-layer checks), in float32, so it takes
+seconds on a CPU. Checks (``n_sink=2``, ``capacity=8``, a random stream of 20 tokens fed
+one token a call):
+
+``no-op``      a stream that fits in the cache gives the dense model's logits (first two layers);
+``bounded``    after the stream every layer holds at most ``capacity`` entries;
+``shifted``    one layer of each layer type, ``position_shift=True`` (the paper): each token's
+               logits equal one dense forward, with no cache, over the tokens the press kept
+               (sinks, window, the token) at positions within the cache (learned absolute
+               positions: the slot each token was written to). Exact because a one-layer
+               model's keys depend only on token and position;
+``absolute``   the same at absolute positions, ``position_shift=False`` (where the model
+               takes ``position_ids``).
+
+Errors are ``max |diff| / max(1, max |logit|)`` against the conformance suite's bound
+(2e-5). A model is called exact only when every check ran and passed.
+
+>>> report = kvl.verify(model)          # doctest: +SKIP
+>>> print(report); report.exact         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+N_SINK, CAPACITY, STREAM = 2, 8, 20
+TOL = 2e-5  # the conformance suite's measured bound (tests/conformance/oracle.py says why)
+
+
+@dataclass
+class Check:
+    name: str
+    layers: str
+    status: str  # "exact", "FAILED", "not applicable", "could not run"
+    error: Optional[float] = None
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found: one :class:`Check` per check and layer type."""
+
+    model: str
+    checks: list = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        ran = [c for c in self.checks if c.status != "not applicable"]
+        return bool(ran) and all(c.status == "exact" for c in ran)
+
+    def __str__(self) -> str:
+        lines = [f"{self.model}: {'EXACT' if self.exact else 'NOT VERIFIED EXACT'} "
+                 f"(n_sink={N_SINK}, capacity={CAPACITY}, {STREAM} tokens, float32, bound {TOL:g})"]
+        for c in self.checks:
+            err = "" if c.error is None else f"  error {c.error:.2e}"
+            lines.append(f"  {c.name:<9} {c.layers:<28} {c.status}{err}{'  ' + c.detail if c.detail else ''}")
+        return "\n".join(lines)
+
+
+def _layer_types(config: Any, n: int) -> list[str]:
+    types = getattr(config, "layer_types", None)
+    return list(types) if types and len(types) == n else ["full_attention"] * n
+
+
+def _n_layers(config: Any) -> int:
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise ValueError(f"{type(config).__name__} names no layer count")
+
+
+def truncated(model: nn.Module, keep: list[int]) -> nn.Module:
+    """A float32 copy of ``model`` with only its layers ``keep`` (in that order), real weights."""
+    config = copy.deepcopy(model.config)
+    n = _n_layers(config)
+    for name, value in list(vars(config).items()):  # per-layer lists follow the layers kept
+        if isinstance(value, (list, tuple)) and len(value) == n and name != "architectures":
+            setattr(config, name, type(value)(value[i] for i in keep))
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, name, None), int):
+            setattr(config, name, len(keep))
+    small = type(model)(config).float().eval()
+    mapping = {old: new for new, old in enumerate(keep)}
+    state = {}
+    pattern = re.compile(r"(^|\.)(layers|h|blocks|layer)\.(\d+)\.")
+    for key, tensor in model.state_dict().items():
+        match = pattern.search(key)
+        if match is None:
+            state[key] = tensor
+        elif int(match.group(3)) in mapping:
+            state[key[: match.start(3)] + str(mapping[int(match.group(3))]) + key[match.end(3):]] = tensor
+    missing, unexpected = small.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(("inv_freq", "masked_bias", ".bias_mask")) and "rotary" not in k]
+    if missing or unexpected:
+        raise ValueError(f"could not cut {type(model).__name__} to layers {keep}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    small.generation_config = copy.deepcopy(getattr(model, "generation_config", None))
+    return small
+
+
+def _stream(model: nn.Module, ids: torch.Tensor, position_shift: bool,
+            adapter: Any = None) -> tuple[list[torch.Tensor], list[int]]:
+    import kvpress_lite as kvl
+    from .cache_access import cache_layers, layer_length, model_cache_kwarg, new_dynamic_cache
+
+    kw, logits = model_cache_kwarg(model), []
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY, position_shift=position_shift,
+                         adapter=adapter), torch.no_grad():
+        cache = new_dynamic_cache(model)
+        for i in range(ids.shape[1]):
+            logits.append(model(input_ids=ids[:, i : i + 1], use_cache=True, **{kw: cache}).logits[0, -1])
+        lengths = [layer_length(layer) for layer in cache_layers(cache)]
+    return logits, lengths
+
+
+def _dense(model: nn.Module, ids: torch.Tensor, positions: Optional[list[int]]) -> torch.Tensor:
+    kwargs = {"attention_mask": torch.ones_like(ids), "use_cache": False}
+    if positions is not None:
+        kwargs["position_ids"] = torch.tensor([positions])
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs).logits[0, -1]
+
+
+def _error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max().clamp(min=1.0))
+
+
+def _kept(t: int) -> list[int]:
+    """Stream indices token t attends to under the press: the sinks, the window before it, itself."""
+    if t < CAPACITY:
+        return list(range(t + 1))
+    return list(range(N_SINK)) + list(range(t - (CAPACITY - N_SINK), t + 1))
+
+
+def _compare(small: nn.Module, ids: torch.Tensor, shift: bool, learned: bool, adapter: Any) -> float:
+    got, _ = _stream(small, ids, position_shift=shift, adapter=adapter)
+    worst = 0.0
+    for t in range(CAPACITY, ids.shape[1]):
+        kept = _kept(t)
+        if not shift:
+            positions = kept
+        elif learned:  # each token keeps the slot it was written to
+            positions = [min(j, CAPACITY - 1) for j in kept]
+        else:
+            positions = list(range(len(kept)))
+        worst = max(worst, _error(got[t], _dense(small, ids[:, kept], positions)))
+    return worst
+
+
+def verify(model: nn.Module, adapter: Any = None, seed: int = 0) -> VerifyReport:
+    """Run the checks on ``model`` (not changed: they run on cut copies); see the module docstring.
+    ``adapter``: the one to check (an :class:`~kvpress_lite.Adapter` or a name), else the
+    registry's choice for ``model``.
+
+    >>> report = verify(model)      # doctest: +SKIP
+    >>> report.exact                 # doctest: +SKIP
+    True
+    """
+    from .adapter import Adapter
+    from .errors import UnsupportedModelError
+    from .positions import AbsoluteEmbedding
+    from .registry import find_adapter
+
+    name = f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
+    report = VerifyReport(model=name)
+    if not isinstance(adapter, Adapter):
+        adapter = find_adapter(model, adapter)  # an unsupported model is refused here, naming why
+    n = _n_layers(model.config)
+    types = _layer_types(model.config, n)
+    vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None else 100
+    ids = torch.randint(0, vocab, (1, STREAM), generator=torch.Generator().manual_seed(seed))
+
+    def run(check: str, layers: str, fn) -> None:
+        try:
+            error = fn()
+        except UnsupportedModelError as exc:
+            if "nothing for the press" not in str(exc):
+                raise
+            report.checks.append(Check(check, layers, "not applicable", detail="the layer keeps its own sliding "
+                                       "window, inside the press's: the press leaves it alone"))
+            return
+        except Exception as exc:  # a check that cannot run is reported, and the model is not called exact
+            report.checks.append(Check(check, layers, "could not run", detail=f"{type(exc).__name__}: {exc}"[:160]))
+            return
+        if isinstance(error, Check):
+            report.checks.append(error)
+        else:
+            report.checks.append(Check(check, layers, "exact" if error <= TOL else "FAILED", error))
+
+    first = list(dict.fromkeys([0, *(types.index(k) for k in dict.fromkeys(types))]))[:2] if n > 1 else [0]
+    if len(first) < 2 and n > 1:
+        first = [0, 1]
+    two = truncated(model, first)
+
+    def no_op() -> float:
+        got, _ = _stream(two, ids[:, :CAPACITY], position_shift=True, adapter=adapter)
+        with torch.no_grad():
+            want = two(input_ids=ids[:, :CAPACITY], attention_mask=torch.ones_like(ids[:, :CAPACITY])).logits[0]
+        return max(_error(g, w) for g, w in zip(got, want))
+
+    def bounded():
+        _, lengths = _stream(two, ids, position_shift=True, adapter=adapter)
+        ok = max(lengths) <= CAPACITY
+        return Check("bounded", f"layers {first}", "exact" if ok else "FAILED", detail=f"entries per layer {lengths}")
+
+    run("no-op", f"layers {first}", no_op)
+    run("bounded", f"layers {first}", bounded)
+    takes_positions = "position_ids" in inspect.signature(adapter.decoder(model).forward).parameters
+    for kind in dict.fromkeys(types):
+        index = types.index(kind)
+        one = truncated(model, [index])
+        scheme = adapter.positions(one)
+        learned = isinstance(scheme, AbsoluteEmbedding)
+        label = f"{kind} (layer {index})"
+        run("shifted", label, lambda: _compare(one, ids, shift=True, learned=learned, adapter=adapter))
+        if takes_positions:
+            run("absolute", label, lambda: _compare(one, ids, shift=False, learned=learned, adapter=adapter))
+        else:
+            report.checks.append(Check("absolute", label, "not applicable", detail="the model takes no position_ids"))
+    logger.info("%s", report)
+    return report
