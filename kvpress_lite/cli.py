@@ -127,13 +127,15 @@ def _load_for_verify(spec: str):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(spec, dtype="float32")
-    try:
-        from kvpress_lite_harness.embedded import load_model
-    except ImportError:
+    from importlib import metadata
+
+    # embedded models come from the harness, through an entry point (the library never imports it)
+    loaders = list(metadata.entry_points(group="kvpress_lite.models"))
+    if not loaders:
         raise SystemExit(f"kvpress-lite verify: {spec!r} is not a model folder (embedded model names need the "
-                         f"harness: {HARNESS_HINT})") from None
+                         f"harness: {HARNESS_HINT})")
     try:
-        return load_model(spec)[0]
+        return loaders[0].load()(spec)[0]
     except Exception as exc:  # the harness names what is missing
         raise SystemExit(f"kvpress-lite verify: cannot load {spec!r}: {exc}") from exc
 
