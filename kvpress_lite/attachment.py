@@ -63,6 +63,8 @@ class LayerPlan:
     sliding: tuple[int, ...]  # sliding-window layers narrower than the press window: left to transformers
     reference: int  # the pressed layer whose length the stream tracks
     max_call: Optional[int] = None  # most new tokens one call may add to a full cache (pressed sliding layers)
+    recurrent: tuple[int, ...] = ()  # a hybrid's recurrent layers (an attention-like module, a state layer): left whole
+    hybrid: bool = False  # the cache has recurrent layers (at the attention path or elsewhere)
 
 
 def plan_layers(model: nn.Module, layer_indices: list[int], n_sink: int, capacity: Optional[int]) -> LayerPlan:
@@ -80,11 +82,14 @@ def plan_layers(model: nn.Module, layer_indices: list[int], n_sink: int, capacit
     """
     probe = cache_access.new_dynamic_cache(model)
     layers = getattr(cache_access.self_attention_cache(probe), "layers", None) or []
-    pressed, sliding, sliding_pressed = [], [], []
+    pressed, sliding, sliding_pressed, recurrent = [], [], [], []
     room: Optional[int] = None  # pressed sliding layers drop entries past `keeps` on their own
     for idx in layer_indices:
         layer = layers[idx] if idx < len(layers) else None
         kind = cache_access.FULL if layer is None else cache_access.layer_kind(layer)
+        if kind == cache_access.RECURRENT:
+            recurrent.append(idx)
+            continue
         if kind == cache_access.SLIDING and capacity is not None:
             keeps = int(getattr(layer, "sliding_window")) - 1
             if keeps <= capacity - n_sink:
@@ -106,12 +111,19 @@ def plan_layers(model: nn.Module, layer_indices: list[int], n_sink: int, capacit
                 "needs a fixed capacity to decide how to treat them: pass capacity=..., not compression_ratio"
             )
         pressed.append(idx)
+    if not pressed and recurrent and not sliding:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: its layers keep fixed-size recurrent states (SSM / linear attention / "
+            "convolution) and it has no attention layer to press: it already runs at constant memory. Run it "
+            "without a press."
+        )
     if not pressed:
         raise UnsupportedModelError(
             f"{type(model).__name__}: every attention layer keeps its own sliding window, narrower than the press's "
             "window; there is nothing for the press to bound. Run the model without a press."
         )
-    return LayerPlan(tuple(pressed), tuple(sliding_pressed), tuple(sliding), pressed[0], room)
+    hybrid = any(cache_access.is_recurrent(layer) for layer in layers)
+    return LayerPlan(tuple(pressed), tuple(sliding_pressed), tuple(sliding), pressed[0], room, tuple(recurrent), hybrid)
 
 
 class Attachment:
@@ -150,6 +162,8 @@ class Attachment:
             self.handles.append(self.base.register_forward_pre_hook(PressHook(self._pre_hook), with_kwargs=True))
             self.handles.append(self.base.register_forward_hook(PressHook(self._post_hook), with_kwargs=True))
             for attention, idx in zip(attentions, indices):
+                if idx in self.layers.recurrent:  # a linear-attention module at the attention path: nothing to trim
+                    continue
                 hook = self._attention_hook(idx, adapter.cache_kwarg(attention))
                 self.handles.append(attention.register_forward_hook(PressHook(hook), with_kwargs=True))
         except Exception:
@@ -334,6 +348,12 @@ class Attachment:
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
             if existing:
                 raise UnsupportedGenerationError("a padded batch must start from an empty cache when the press is applied")
+            if self.layers.hybrid:
+                raise UnsupportedGenerationError(
+                    "padded batches are not supported on hybrid models (recurrent / SSM layers beside attention): "
+                    "a left pad passes through their recurrent state, and whether a padded row then equals the row "
+                    "streamed alone is not verified; run the rows one by one (or rows of equal length, unpadded)"
+                )
             if self.layers.sliding:
                 raise UnsupportedGenerationError(
                     "padded batches are not supported on models with sliding-window layers (their masks count "

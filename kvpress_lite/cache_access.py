@@ -20,6 +20,9 @@ MODEL_CACHE_KWARGS = ("cache", "past_key_values")
 # size), never by its class name:
 FULL = "full"  # grows with every token: the press keeps sinks + window
 SLIDING = "sliding"  # keeps its own last `sliding_window - 1` entries: left to transformers
+RECURRENT = "recurrent"  # a hybrid's SSM / linear-attention / convolution state: fixed size, left whole
+# config.layer_types entries of a hybrid's layers without attention (nothing of theirs is pressed)
+RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "conv", "mamba", "mamba2", "recurrent", "moe", "mlp"})
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -64,10 +67,20 @@ def cache_layers(cache: Any) -> list:
     return layers
 
 
+def is_recurrent(layer: Any) -> bool:
+    """A layer of fixed-size recurrent state (transformers 5.x ``LinearAttentionLayer``: a
+    convolution window and an SSM / linear-attention state), read off what it holds."""
+    return hasattr(layer, "conv_states") and hasattr(layer, "recurrent_states")
+
+
 def layer_kind(layer: Any) -> str:
-    """:data:`FULL` or :data:`SLIDING` for a cache layer the press can serve; otherwise raise,
-    naming the layer and what to do."""
+    """:data:`FULL` or :data:`SLIDING` for a cache layer the press can serve, :data:`RECURRENT`
+    for a hybrid's state layer (nothing to trim); otherwise raise, naming the layer and what to do.
+    A layer holding both (``LinearAttentionAndFullAttentionLayer``) is an attention layer here:
+    the press trims its keys and values and leaves its recurrent state alone."""
     name = type(layer).__name__
+    if not hasattr(layer, "keys") and is_recurrent(layer):
+        return RECURRENT
     if not hasattr(layer, "keys"):
         problem = "holds no attention keys/values (an SSM, convolution or linear-attention state)"
     elif getattr(layer, "is_compileable", False) or hasattr(layer, "max_cache_len"):

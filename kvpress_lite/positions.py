@@ -45,7 +45,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .cache_access import base_model
+from .cache_access import RECURRENT_LAYER_TYPES, base_model
 from .core import rope_phase, rope_rotate, to_rotary_pairs, write_rotated
 from .errors import UnsupportedModelError
 
@@ -307,7 +307,9 @@ def rope_positions(
         rotary = getattr(base_model(model), rotary_attr, None)
         if per_layer_type:
             types = list(getattr(config, "layer_types", None) or [])
-            freqs = [_inv_freq(rotary, f"{kind}_inv_freq") for kind in types]
+            # a hybrid's recurrent layers (no attention, never pressed) have no frequencies: none to rotate
+            freqs = [torch.zeros(0, dtype=torch.float64) if kind in RECURRENT_LAYER_TYPES
+                     else _inv_freq(rotary, f"{kind}_inv_freq") for kind in types]
             if not types or any(f is None for f in freqs):
                 raise UnsupportedModelError(
                     f"{type(model).__name__}: expected one `<layer_type>_inv_freq` buffer per config.layer_types entry "

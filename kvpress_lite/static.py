@@ -220,6 +220,13 @@ def streaming_cache_class():
                 # sliding-window layers wider than the capacity are pressed like full ones; narrower
                 # than the window, they keep their own (in between: refused, naming the config field)
                 plan = plan_layers(model, indices, n_sink, capacity)
+                if plan.hybrid:
+                    raise UnsupportedModelError(
+                        f"static-shape streaming does not serve {type(model).__name__} yet: it is a hybrid, and its "
+                        "recurrent layers need transformers' LinearAttentionLayer states beside the fixed-size "
+                        "attention layers of this cache, which StreamingCache does not build. Use the eager press "
+                        "(kvpress_lite.apply_press), which serves hybrids exactly."
+                    )
                 windows = _sliding_windows(model, plan.sliding)
                 self.n_sink, self.capacity = n_sink, capacity
                 # the model is handed stream positions minus `offset`: a 0-dim tensor, moved in place

@@ -124,6 +124,12 @@ _SPECIAL: dict[str, Any] = {
     "xlm": dict(pad_index=2, unk_index=3),
     "dbrx": dict(ffn_config={"ffn_hidden_size": INTERMEDIATE, "moe_num_experts": 4, "moe_top_k": 2},
                  attn_config={"kv_n_heads": KV_HEADS, "rope_theta": 10000.0, "clip_qkv": 8.0}),
+    # hybrids whose default config puts attention past the first two layers (or nowhere): the last
+    # layer attends, the others keep a recurrent state; a one-layer model is the attention layer
+    "jamba": lambda n, layer: dict(attn_layer_period=n, attn_layer_offset=n - 1),
+    "bamba": lambda n, layer: dict(attn_layer_indices=[n - 1]),
+    "granitemoehybrid": lambda n, layer: dict(layer_types=_granite_hybrid_types(n)),
+    "nemotron_h": lambda n, layer: dict(layers_block_type=["linear_attention"] * (n - 1) + ["full_attention"]),
     # temperature tuning of NoPE layers starts at floor_scale positions: bring it within a short stream
     "llama4_text": dict(floor_scale=4),
 }
@@ -134,6 +140,13 @@ for _t in ("camembert", "data2vec-text", "roberta", "roberta-prelayernorm", "xlm
 _DERIVED_LISTS = ("attention_layers",)
 # layer kinds that mean a family's checkpoints have windowed layers (built with a small window)
 _SLIDING_WORDS = ("sliding", "local", "chunked")
+
+
+def _granite_hybrid_types(n: int) -> list[str]:
+    import transformers  # 4.5x names its layer kinds mamba / attention
+
+    v5 = int(transformers.__version__.split(".")[0]) >= 5
+    return ["linear_attention" if v5 else "mamba"] * (n - 1) + ["full_attention" if v5 else "attention"]
 
 
 def all_model_types() -> list[str]:
@@ -223,12 +236,23 @@ def two_layer_pattern(model_type: str):
     pattern's first two layers (None)."""
     variants = layer_variants(model_type)
     windowed = [v for v in variants if windowed_variant(model_type, v)]
-    full = [v for v in variants if v not in windowed]
+    # a hybrid's recurrent kinds last: the press needs a full attention layer beside the windowed one
+    full = sorted((v for v in variants if v not in windowed), key=lambda v: _recurrent_variant(model_type, v))
     if windowed and full:
         return [windowed[0], full[0]]
     if len(variants) > 1:  # e.g. LFM2 conv + attention, SmolLM3 RoPE + NoPE
         return [variants[0], variants[-1]]
     return None
+
+
+def _recurrent_variant(model_type: str, layer: int) -> bool:
+    from .cache_access import RECURRENT_LAYER_TYPES
+
+    try:
+        types = _default_config(model_type).to_dict().get("layer_types") or []
+    except Exception:
+        return False
+    return layer < len(types) and types[layer] in RECURRENT_LAYER_TYPES
 
 
 def windowed_variant(model_type: str, layer: int) -> bool:

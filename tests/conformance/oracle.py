@@ -18,7 +18,9 @@ under the press sees the sinks, the ``window`` tokens before it, and itself.
                only on token and position, so this is exact)
 (f) multi-layer ``position_shift=False`` on the 2-layer model (windowed and full kinds together),
                against one teacher-forced dense forward with per-layer-type 4D masks; where the
-               model takes such masks (required for families with windowed layer kinds)
+               model takes such masks (required for families with windowed layer kinds). A
+               hybrid's recurrent layers get no mask there: they run over every token, as they
+               do under the press (which trims only attention layers)
 (e) shifted    ``position_shift=True``, ONE-layer model: the same dense forward at positions
                0..L-1 (RoPE / ALiBi / no positions: positions within the cache), or, for learned
                absolute positions, at ``min(j, capacity - 1)`` for stream index j (each token keeps
@@ -38,6 +40,7 @@ import torch
 
 import kvpress_lite as kvl
 from kvpress_lite.cache_access import model_cache_kwarg
+from kvpress_lite.tiny import NotBuildable
 
 N_SINK = 2
 CAPACITY = 8
@@ -142,11 +145,30 @@ def check_noop(model, adapter=None) -> float:
     return _close("a", got, ref, "no-op stream under the press")
 
 
+def state_bytes(layer) -> int:
+    """Bytes a cache layer holds outside its keys/values: the conv and recurrent states of an
+    SSM / linear-attention layer (transformers 5.x ``LinearAttentionLayer``), 0 for others."""
+    total = 0
+    for name in ("conv_states", "recurrent_states"):
+        states = getattr(layer, name, None) or {}
+        for tensor in (states.values() if isinstance(states, dict) else states):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def check_bounded(model, adapter=None) -> list[int]:
+    """Every attention layer holds <= capacity entries after the stream, and every other layer's
+    state (a hybrid's recurrent / convolution layers) has the size it had when the cache was full."""
     press = _press(model, adapter)
     try:
-        _, cache = loop(model, stream_ids())
-        lengths = [layer.keys.shape[-2] for layer in _layers(cache)]
+        ids = stream_ids()
+        _, half = loop(model, ids[:, : CAPACITY + 2])
+        half_states = [state_bytes(layer) for layer in _layers(half)]
+        _, cache = loop(model, ids)
+        layers = _layers(cache)
+        lengths = [layer.keys.shape[-2] for layer in layers if getattr(layer, "keys", None) is not None]
+        states = [state_bytes(layer) for layer in layers]
         stats = list(press.stats.cache_length)
     finally:
         press.remove()
@@ -154,6 +176,8 @@ def check_bounded(model, adapter=None) -> list[int]:
         raise CheckFailed("b", f"cache lengths {lengths} exceed capacity {CAPACITY}")
     if stats and max(stats) > CAPACITY:
         raise CheckFailed("b", f"press.stats.cache_length {stats} exceed capacity {CAPACITY}")
+    if states != half_states:
+        raise CheckFailed("b", f"recurrent states grew with the stream: {half_states} bytes -> {states} bytes")
     return lengths
 
 
@@ -256,6 +280,12 @@ def layer_visibility(config, layer_type: str):
     return kept_indices  # full layers, and windowed layers wider than the capacity: pressed
 
 
+# layer kinds (config.layer_types) with no attention: a hybrid's SSM / linear-attention / convolution
+# layers, and layers of MLP alone. Under the press they see the whole stream, so the reference runs
+# them over every token with no mask (None: the model's own "no padding" for them).
+RECURRENT_KINDS = frozenset({"linear_attention", "conv", "mamba", "mamba2", "recurrent", "moe", "mlp"})
+
+
 @torch.no_grad()
 def check_multilayer_absolute(model, adapter=None) -> float:
     """(f) ``position_shift=False`` on the 2-layer model (all its layer kinds): the streamed logits
@@ -274,7 +304,8 @@ def check_multilayer_absolute(model, adapter=None) -> float:
         press.remove()
     config = model.config
     types = list(getattr(config, "layer_types", None) or ["full_attention"])
-    masks = {kind: _visible_mask(layer_visibility(config, kind), STREAM, model.dtype) for kind in set(types)}
+    masks = {kind: None if kind in RECURRENT_KINDS else _visible_mask(layer_visibility(config, kind), STREAM, model.dtype)
+             for kind in set(types)}
     out = model(input_ids=ids, attention_mask=masks, position_ids=torch.arange(STREAM).view(1, -1), use_cache=False)
     ref = out.logits[0, PROMPT - 1 :]
     worst = 0.0
@@ -321,15 +352,24 @@ def run_checks(build: Callable[[int, str], torch.nn.Module], adapter, scheme: st
         if variant in windowed and others:
             errors[f"d{variant}"] = errors[f"e{variant}"] = "skipped: sliding-window layer kind"
             continue
-        one = build(1, attn, variant)
         tag = "" if variant is None else variant
         try:
+            one = build(1, attn, variant)
             errors[f"d{tag}"] = check_positions(one, adapter, False, scheme)
-        except kvl.UnsupportedModelError as exc:
-            if "found no attention modules" not in str(exc) or not others or variant in others[:1]:
+            errors[f"e{tag}"] = check_positions(one, adapter, True, scheme)
+        except (kvl.UnsupportedModelError, NotBuildable) as exc:
+            if not any(why in str(exc) for why in NO_ATTENTION) or len(one_layer_variants) < 2:
                 raise
-            # a layer kind without attention (LFM2's convolutions): nothing of the press's to check
+            # a layer kind without attention (a hybrid's convolution / linear-attention layers):
+            # nothing of the press's to check in it; the 2-layer checks above run it beside an
+            # attention layer, and at least one kind must have been checked (below)
             errors[f"d{tag}"] = errors[f"e{tag}"] = "skipped: no attention in this layer kind"
-            continue
-        errors[f"e{tag}"] = check_positions(one, adapter, True, scheme)
+    if one_layer_variants and all(str(errors.get(f"e{'' if v is None else v}", "")).startswith("skipped")
+                                  for v in one_layer_variants):
+        raise CheckFailed("e", "no layer kind had an attention layer to check (d)/(e) on")
     return errors
+
+
+# what a one-layer model of a layer kind without attention says: the adapter finds no attention
+# module there, the press finds only recurrent layers, or the config refuses a model without attention
+NO_ATTENTION = ("found no attention modules", "no attention layer to press", "expects at least one attention layer")

@@ -28,6 +28,7 @@ from oracle import (
     CAPACITY,
     N_SINK,
     NARROW_WINDOW,
+    RECURRENT_KINDS,
     TOL,
     WIDE_WINDOW,
     CheckFailed,
@@ -78,13 +79,22 @@ def supports_sdpa(model_type: str, pattern) -> bool:
     return True
 
 
+def recurrent_variant(model_type: str, variant: int) -> bool:
+    """True when layer ``variant`` of the family's default pattern is a hybrid's recurrent kind."""
+    from transformers import AutoConfig
+
+    types = getattr(AutoConfig.for_model(model_type), "layer_types", None) or []
+    return variant < len(types) and types[variant] in RECURRENT_KINDS
+
+
 def regimes(model_type: str, variants: list[int]) -> list[tuple[str, int, tuple, bool]]:
     """(name, window, windowed kinds skipped one-layer, sliding forced) per window regime."""
     windowed = tuple(v for v in variants if windowed_variant(model_type, v))
+    attention = [v for v in variants if not recurrent_variant(model_type, v)]  # a hybrid's attention kinds
     out = [("narrow", NARROW_WINDOW, windowed, False)]
     if windowed:
         out.append(("wide", WIDE_WINDOW, (), False))
-        if set(windowed) == set(variants):
+        if set(windowed) == set(attention):
             out = out[1:]  # every layer windowed: narrow windows leave the press nothing to bound
     if optional_window(model_type):
         out.append(("wide-all", WIDE_WINDOW, (), True))
@@ -146,7 +156,14 @@ def cache_kinds(model) -> str:
     from kvpress_lite.cache_access import new_dynamic_cache
 
     layers = getattr(new_dynamic_cache(model), "layers", None) or []
-    kinds = sorted({"sliding" if getattr(layer, "is_sliding", False) else "full" for layer in layers})
+
+    def kind(layer) -> str:
+        attention = "sliding" if getattr(layer, "is_sliding", False) else "full"
+        if hasattr(layer, "conv_states"):  # a hybrid's state layer, or one holding both
+            return "recurrent" if not hasattr(layer, "keys") else f"recurrent & {attention}"
+        return attention
+
+    kinds = sorted({kind(layer) for layer in layers})
     return " + ".join(kinds) or "full"
 
 
