@@ -14,7 +14,7 @@ from typing import Optional
 
 from torch import nn
 
-from .adapter import Adapter, Refusal
+from .adapter import Adapter, Refusal, Wrapper
 from .chat import Chat, ChatError
 from .positions import (
     AbsoluteEmbedding,
@@ -90,6 +90,7 @@ __all__ = [
     "PressAlreadyAppliedError",
     "PressStats",
     "Refusal",
+    "Wrapper",
     "Rotary",
     "StreamingCache",
     "StreamingLLMPress",

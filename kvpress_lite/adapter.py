@@ -134,3 +134,19 @@ class Refusal:
 
     model_types: tuple[str, ...]
     reason: str
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """Composite causal-LM types (multimodal wrappers) the press serves through their text model:
+    ``apply_press`` reads the wrapper's text config and language model (``get_decoder()``) with
+    the text family's adapter (see :mod:`kvpress_lite.wrappers`). Declared per type, once the
+    conformance suite has proven the wrapper tiny; a type whose text model is refused is refused
+    with that reason.
+
+    >>> Wrapper(model_types=("gemma3",), description="Gemma 3 4B+ (vision)").model_types
+    ('gemma3',)
+    """
+
+    model_types: tuple[str, ...]
+    description: str = ""

@@ -38,6 +38,7 @@ from .conversation import record_tokens, settings_of, skip_seen_tokens
 from .copies import PressHook, copy_as_usual, copy_without_press, strip_press_hooks
 from .errors import UnsupportedGenerationError, UnsupportedModelError
 from .positions import PositionScheme
+from .wrappers import multimodal_inputs, text_view
 from .stream import CallPlan, Stream, apply_plan, commit_plan, plan_call, rebase, stream_positions
 
 if TYPE_CHECKING:
@@ -132,7 +133,15 @@ class Attachment:
 
     def __init__(self, press: "StreamingLLMPress", model: nn.Module, adapter: Adapter) -> None:
         self.press, self.model, self.adapter = press, model, adapter
-        self.base = adapter.decoder(model)
+        # a composite causal LM (a multimodal wrapper): the adapter reads its text model, and the
+        # call hooks go on the wrapper's own base model, which takes the user's ids and mask
+        self.view = text_view(model) if not adapter.matches(model) else None
+        if self.view is not None and adapter.matches(self.view):
+            self.base = cache_access.base_model(model)
+            model = self.view
+        else:
+            self.view = None
+            self.base = adapter.decoder(model)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         try:
             self.scheme: PositionScheme = adapter.positions(model)
@@ -157,7 +166,7 @@ class Attachment:
         self.owner: Optional[int] = None  # the thread whose call is in flight
         self.chunked: Optional[ChunkedPrefill] = None
         self.handles: list = []
-        strip_press_hooks(model, live=False)  # a pickled copy's inert hooks
+        strip_press_hooks(self.model, live=False)  # a pickled copy's inert hooks
         try:
             self.handles.append(self.base.register_forward_pre_hook(PressHook(self._pre_hook), with_kwargs=True))
             self.handles.append(self.base.register_forward_hook(PressHook(self._post_hook), with_kwargs=True))
@@ -169,7 +178,7 @@ class Attachment:
         except Exception:
             self.detach()
             raise
-        copy_without_press(model, self.base)
+        copy_without_press(self.model, self.base)
 
     def detach(self) -> None:
         for handle in self.handles:
@@ -195,6 +204,13 @@ class Attachment:
         if args:  # transformers passes everything by keyword; a user may pass input_ids positionally
             kwargs.setdefault("input_ids", args[0])
             args = ()
+        if self.view is not None and (media := multimodal_inputs(kwargs)):
+            raise UnsupportedGenerationError(
+                f"this call to the composite model {type(self.model).__name__} carries {', '.join(media)}: image, video "
+                "and audio inputs are not served under the press yet (the wrapper treats them specially, Gemma 3 "
+                "attends bidirectionally within an image block, and an eviction could cut through one). Stream text "
+                "through it, or run media prompts without the press."
+            )
         tokens = kwargs.get("input_ids")
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
@@ -213,7 +229,9 @@ class Attachment:
         batch, q = tokens.shape[0], tokens.shape[1]
         if cache is None:
             cache = cache_access.new_dynamic_cache(module)
-            cache_name = next(n for n in cache_access.MODEL_CACHE_KWARGS if n in self.base_kwargs)
+            # a wrapper may take the cache through **kwargs only (it hands them on to its decoder)
+            cache_name = next((n for n in cache_access.MODEL_CACHE_KWARGS if n in self.base_kwargs),
+                              cache_access.MODEL_CACHE_KWARGS[0])
             kwargs[cache_name] = cache
         kwargs.pop("past_key_values" if cache_name == "cache" else "cache", None)
         stream = self._stream_for(cache, batch, q, kwargs.get("attention_mask"))

@@ -22,8 +22,9 @@ import pluggy
 from torch import nn
 
 from . import hookspecs
-from .adapter import Adapter, Refusal
+from .adapter import Adapter, Refusal, Wrapper
 from .errors import UnsupportedModelError
+from .wrappers import text_view
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Registry:
         self._dists: dict[str, tuple[Optional[str], Optional[str]]] = {}
         self._adapters: Optional[dict[str, AdapterInfo]] = None
         self._refusals: dict[str, tuple[str, str]] = {}  # model_type -> (reason, plugin)
+        self._wrappers: dict[str, tuple[str, str]] = {}  # model_type -> (description, plugin)
 
     # -- loading -----------------------------------------------------------------
     def load_entry_points(self) -> None:
@@ -101,15 +103,16 @@ class Registry:
             return self._adapters
         found: dict[str, AdapterInfo] = {}
         refusals: dict[str, tuple[str, str]] = {}
+        wrappers: dict[str, tuple[str, str]] = {}
         for impl in self.manager.hook.kvpress_lite_register_adapters.get_hookimpls():
             plugin_name = impl.plugin_name
             dist, version = self._dists.get(plugin_name, (None, None))
             collected: list = []
 
-            def register(item: Adapter | Refusal, _sink: list = collected) -> None:
-                if not isinstance(item, (Adapter, Refusal)):
+            def register(item: Adapter | Refusal | Wrapper, _sink: list = collected) -> None:
+                if not isinstance(item, (Adapter, Refusal, Wrapper)):
                     raise TypeError(
-                        f"register() takes a kvpress_lite.Adapter or kvpress_lite.Refusal, got {type(item).__name__}"
+                        "register() takes a kvpress_lite.Adapter, Refusal or Wrapper, got " + type(item).__name__
                     )
                 _sink.append(item)
 
@@ -123,6 +126,10 @@ class Registry:
                     for model_type in item.model_types:
                         refusals.setdefault(model_type, (item.reason, plugin_name))
                     continue
+                if isinstance(item, Wrapper):
+                    for model_type in item.model_types:
+                        wrappers.setdefault(model_type, (item.description, plugin_name))
+                    continue
                 if item.name in found:
                     self._report(
                         f"adapter name {item.name!r} from plugin {plugin_name!r} is already provided by "
@@ -130,13 +137,18 @@ class Registry:
                     )
                     continue
                 found[item.name] = AdapterInfo(item.name, item.model_types, plugin_name, dist, version, item)
-        self._adapters, self._refusals = found, refusals
+        self._adapters, self._refusals, self._wrappers = found, refusals, wrappers
         return found
 
     def refusals(self) -> dict[str, tuple[str, str]]:
         """``model_type -> (reason, plugin)`` for every type a plugin declared it refuses."""
         self.adapters()
         return self._refusals
+
+    def wrappers(self) -> dict[str, tuple[str, str]]:
+        """``model_type -> (description, plugin)`` for every composite type served through its text model."""
+        self.adapters()
+        return self._wrappers
 
     def find(self, model: nn.Module, name: str | None = None) -> Adapter:
         adapters = self.adapters()
@@ -146,6 +158,17 @@ class Registry:
                 raise UnsupportedModelError(f"no adapter named {name!r}. Adapters found: {listing}. {HOW_TO_ADD}")
             return adapters[name].adapter
         matching = [a for a in adapters.values() if a.adapter.matches(model)]
+        if not matching and model_type_of(model) in self._wrappers:
+            view = text_view(model)  # a multimodal wrapper: the adapter of its text model serves it
+            if view is not None:
+                matching = [a for a in adapters.values() if a.adapter.matches(view)]
+                if not matching and model_type_of(view) in self._refusals:
+                    reason, plugin = self._refusals[model_type_of(view)]
+                    raise UnsupportedModelError(
+                        f"kvpress-lite does not serve {type(model).__name__} (model_type={model_type_of(model)!r}): "
+                        f"its language model ({model_type_of(view)!r}) is refused: {reason} (declared by plugin "
+                        f"{plugin!r}). {HOW_TO_ADD}"
+                    )
         if not matching:
             model_type = getattr(getattr(model, "config", None), "model_type", None)
             if model_type in self._refusals:
@@ -164,6 +187,10 @@ class Registry:
                 type(model).__name__, [a.name for a in matching], matching[0].name,
             )
         return matching[0].adapter
+
+
+def model_type_of(model: Any) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "model_type", None)
 
 
 _REGISTRY: Optional[Registry] = None
@@ -212,7 +239,22 @@ def support_for(model_type: str) -> Support:
     refusal = registry.refusals().get(model_type)
     if refusal is not None:
         return Support(model_type, "refused", None, refusal[0])
+    if model_type in registry.wrappers():  # served through its text model, whose support it takes
+        text_type = _text_type(model_type)
+        inner = support_for(text_type) if text_type and text_type != model_type else None
+        if inner is not None and inner.status != "unknown":
+            return Support(model_type, inner.status, inner.adapter, f"through its text model {text_type}: {inner.detail}")
     return Support(model_type, "unknown", None, "no adapter recognises this model type")
+
+
+def _text_type(model_type: str) -> Optional[str]:
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.for_model(model_type)
+        return getattr(config.get_text_config(), "model_type", None)
+    except Exception:
+        return None
 
 
 def find_adapter(model: nn.Module, name: str | None = None) -> Adapter:

@@ -214,6 +214,7 @@ def _per_layer_lists(defaults: dict) -> dict[str, list]:
 def layer_variants(model_type: str) -> list[int]:
     """Indices of the first layer of each distinct kind in the family's default pattern
     (``layer_types``, ``no_rope_layers`` ...): a one-layer model is built per kind."""
+    model_type = text_type_of(model_type)  # a wrapper's layers are its text model's
     try:
         defaults = _default_config(model_type).to_dict()
     except Exception:
@@ -234,6 +235,7 @@ def two_layer_pattern(model_type: str):
     """Layer kinds for a 2-layer model: a windowed and a full kind where the family mixes them
     (so the press has a layer to bound), else the first and last distinct kinds, else the default
     pattern's first two layers (None)."""
+    model_type = text_type_of(model_type)  # a wrapper's layers are its text model's
     variants = layer_variants(model_type)
     windowed = [v for v in variants if windowed_variant(model_type, v)]
     # a hybrid's recurrent kinds last: the press needs a full attention layer beside the windowed one
@@ -246,6 +248,7 @@ def two_layer_pattern(model_type: str):
 
 
 def _recurrent_variant(model_type: str, layer: int) -> bool:
+    model_type = text_type_of(model_type)  # a wrapper's layers are its text model's
     from .cache_access import RECURRENT_LAYER_TYPES
 
     try:
@@ -257,6 +260,7 @@ def _recurrent_variant(model_type: str, layer: int) -> bool:
 
 def windowed_variant(model_type: str, layer: int) -> bool:
     """True when layer ``layer`` of the family's default pattern is a sliding/local/chunked layer."""
+    model_type = text_type_of(model_type)  # a wrapper's layers are its text model's
     try:
         defaults = _default_config(model_type).to_dict()
     except Exception:
@@ -271,6 +275,7 @@ def windowed_variant(model_type: str, layer: int) -> bool:
 def optional_window(model_type: str) -> bool:
     """True when the family's default config sets a sliding window without windowed layer kinds
     (Mistral: every layer slides when ``sliding_window`` is set; tiny configs leave it off)."""
+    model_type = text_type_of(model_type)  # a wrapper's layers are its text model's
     try:
         defaults = _default_config(model_type).to_dict()
     except Exception:
@@ -375,6 +380,8 @@ def tiny_config(model_type: str, num_layers: int = 2, layer=None, window: int = 
     # ffn_config are settings of the decoder itself
     subs = [k for k, v in defaults.items() if isinstance(v, dict) and k.endswith("_config")
             and k not in ("per_layer_config", "attn_config", "ffn_config")]
+    if subs and isinstance(defaults.get("text_config"), dict) and defaults["text_config"].get("model_type"):
+        return _composite_config(model_type, defaults, num_layers, layer, window, sliding)
     if subs:
         raise NotBuildable("composite/multimodal", f"sub-configs {subs}")
     if getattr(default, "is_encoder_decoder", False):
@@ -401,6 +408,66 @@ def tiny_config(model_type: str, num_layers: int = 2, layer=None, window: int = 
             config.is_decoder = True  # BERT-likes run as causal LMs only as decoders
         return config
     raise NotBuildable("config error", error[:300])
+
+
+# token ids of a wrapper's media placeholders (image, audio ...) go here, above the ids the tests
+# draw for text, so a text-only stream never holds one
+MEDIA_TOKEN_BASE = 100
+_MEDIA_SIZES = {"image_size": 32, "patch_size": 8}
+
+
+def _shrink_sub(config: dict) -> dict:
+    """A vision / audio sub-config, shrunk with the generic rules (its own towers are never run
+    by a text-only stream, but they are built)."""
+    out = dict(config)
+    out.update(_overrides(config.get("model_type", ""), config, 2))
+    for name, value in _MEDIA_SIZES.items():
+        if isinstance(config.get(name), int):
+            out[name] = value
+    for name, value in config.items():
+        if isinstance(value, dict) and name.endswith("_config"):
+            out[name] = _shrink_sub(value)
+    return out
+
+
+def _composite_config(model_type: str, defaults: dict, num_layers: int, layer, window: int, sliding: bool):
+    """A multimodal wrapper: its text sub-config exactly as :func:`tiny_config` makes the text
+    family (so the wrapper is checked against the same references), its other towers shrunk, and
+    its media token ids above the text ids."""
+    from transformers import AutoConfig
+
+    text_type = defaults["text_config"]["model_type"]
+    text = tiny_config(text_type, num_layers, layer, window, sliding).to_dict()
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # some wrappers read them (Gemma 4's pad)
+        if isinstance(defaults["text_config"].get(name), int):
+            text[name] = defaults["text_config"][name] % 3
+    kwargs: dict = {"text_config": text}
+    for name, value in defaults.items():
+        if isinstance(value, dict) and name.endswith("_config") and name != "text_config":
+            kwargs[name] = _shrink_sub(value)
+    media = 0
+    for name, value in defaults.items():
+        if isinstance(value, int) and not isinstance(value, bool) and name.endswith(("token_id", "token_index")):
+            if name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                kwargs[name] = value % 3
+            else:
+                kwargs[name] = MEDIA_TOKEN_BASE + media
+                media += 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoConfig.for_model(model_type, **kwargs)
+    except Exception as exc:
+        raise NotBuildable("config error", f"composite {model_type}: {exc!r}"[:300]) from exc
+
+
+def text_type_of(model_type: str) -> str:
+    """The text family inside a multimodal wrapper (``gemma3`` -> ``gemma3_text``), else itself."""
+    try:
+        text = _default_config(model_type).to_dict().get("text_config")
+    except Exception:
+        return model_type
+    return text["model_type"] if isinstance(text, dict) and text.get("model_type") else model_type
 
 
 @torch.no_grad()

@@ -95,7 +95,7 @@ def test_register_rejects_other_objects(plugin_registry):
             register("llama")
 
     plugin_registry.register_plugin(Bad(), "bad")
-    with pytest.warns(RuntimeWarning, match="Adapter or kvpress_lite.Refusal"):
+    with pytest.warns(RuntimeWarning, match="Adapter, Refusal or Wrapper"):
         plugin_registry.adapters()
 
 

@@ -1,0 +1,105 @@
+"""Multimodal wrappers (Gemma 3 4B+ loads as Gemma3ForConditionalGeneration, Gemma 4 as
+Gemma4ForConditionalGeneration, ...): the press serves the language model inside.
+
+The claim: under the press, a text stream through the wrapper gives the same logits as the
+same stream through the stand-alone text model with the same weights under the same press
+(which the conformance suite ties to the dense references), through plain calls and
+generate(); image inputs are refused at the call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import kvpress_lite as kvl
+from bounds import float32_bound
+from kvpress_lite.registry import support_for
+from kvpress_lite.tiny import tiny_model, two_layer_pattern
+
+V5 = int(transformers.__version__.split(".")[0]) >= 5
+pytestmark = pytest.mark.skipif(not V5, reason="the wrappers' tiny builds need transformers 5 (gemma4 and the "
+                                "current gemma3 layout); on 4.x test_family records them")
+N_SINK, CAPACITY, STREAM = 2, 8, 40
+
+
+def wrapper_and_text_model(model_type: str):
+    """A tiny wrapper and the text causal LM holding the same weights (its language model and head)."""
+    from transformers import AutoModelForCausalLM
+
+    wrapper = tiny_model(model_type, 2, "eager", layer=two_layer_pattern(model_type))
+    text = AutoModelForCausalLM.from_config(wrapper.config.get_text_config(), attn_implementation="eager").eval()
+    state = {}
+    for name, tensor in wrapper.state_dict().items():
+        if name.startswith("model.language_model."):
+            state["model." + name[len("model.language_model."):]] = tensor
+        elif name.startswith("lm_head."):
+            state[name] = tensor
+    missing, unexpected = text.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
+    if missing:  # tied head
+        text.tie_weights()
+    return wrapper, text
+
+
+@torch.no_grad()
+def stream(model, ids):
+    out = model(input_ids=ids[:, :4], use_cache=True)
+    cache, logits = out.past_key_values, [out.logits[0, -1]]
+    for t in range(4, ids.shape[1]):
+        out = model(input_ids=ids[:, t : t + 1], use_cache=True, past_key_values=cache)
+        logits.append(out.logits[0, -1])
+    return torch.stack(logits), cache
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "gemma4"])
+def test_a_wrapper_streams_text_as_its_text_model(model_type):
+    wrapper, text = wrapper_and_text_model(model_type)
+    ids = torch.randint(3, 99, (1, STREAM), generator=torch.Generator().manual_seed(7))  # no media placeholder ids
+    with kvl.apply_press(wrapper, n_sink=N_SINK, capacity=CAPACITY):
+        got, cache = stream(wrapper, ids)
+    with kvl.apply_press(text, n_sink=N_SINK, capacity=CAPACITY):
+        want, _ = stream(text, ids)
+    assert max(layer.keys.shape[-2] for layer in cache.layers) <= CAPACITY
+    scale = want.abs().max().clamp(min=1.0)
+    assert float((got - want).abs().max() / scale) <= float32_bound(text.config, CAPACITY + 1, runs=2)
+
+
+def test_generate_through_a_wrapper_matches_the_text_model():
+    wrapper, text = wrapper_and_text_model("gemma3")
+    prompt = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(8))
+    outs = []
+    for model in (wrapper, text):
+        with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
+            outs.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                       min_new_tokens=24, do_sample=False, pad_token_id=0))
+    assert outs[0].shape[1] == 30 and torch.equal(outs[0], outs[1])
+
+
+def test_image_inputs_are_refused_at_the_call():
+    wrapper, _ = wrapper_and_text_model("gemma3")
+    ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(9))
+    size = wrapper.config.vision_config.image_size
+    with kvl.apply_press(wrapper, n_sink=N_SINK, capacity=CAPACITY):
+        with pytest.raises(kvl.UnsupportedGenerationError, match="pixel_values"):
+            wrapper(input_ids=ids, pixel_values=torch.zeros(1, 3, size, size))
+        types = torch.zeros_like(ids)
+        types[0, 2:4] = 1  # an image block in the token types
+        with pytest.raises(kvl.UnsupportedGenerationError, match="token_type_ids"):
+            wrapper(input_ids=ids, token_type_ids=types)
+        wrapper(input_ids=ids, token_type_ids=torch.zeros_like(ids))  # all text: served
+
+
+def test_the_registry_names_what_serves_a_wrapper():
+    assert support_for("gemma3").status == "accepted" and "gemma3_text" in support_for("gemma3").detail
+    assert support_for("gemma3n").status == "refused"  # its timm vision tower is not built by the suite
+    assert support_for("llama4").status == "refused"  # through its text model's refusal
+
+
+def test_verify_runs_its_checks_on_a_wrappers_text_layers():
+    wrapper, _ = wrapper_and_text_model("gemma3")  # a sliding and a full layer
+    report = kvl.verify(wrapper)
+    assert report.exact, str(report)
+    checked = {c.layers for c in report.checks if c.name == "shifted" and c.status == "exact"}
+    assert checked == {"full_attention (layer 1)"}
