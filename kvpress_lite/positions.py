@@ -89,6 +89,10 @@ class PositionScheme:
     #: True when the model reads positions off the order of the cache entries (ALiBi builds its
     #: bias from their index): the press then keeps them in stream order instead of as a ring
     ordered_cache: bool = False
+    #: which slot of a cache layer carries the positions :meth:`after_trim` and :meth:`rebase` move:
+    #: "keys", or "values" for multi-head latent attention (DeepSeek V2/V3 store the position-free
+    #: latent as the keys and the rotated shared key part as the values)
+    rotary_slot: str = "keys"
 
     def check(self, model: nn.Module, *, capacity: Optional[int], position_shift: bool) -> None:
         """Raise :class:`UnsupportedModelError` if the press cannot serve ``model`` this way."""
@@ -141,11 +145,13 @@ class Rotary(PositionScheme):
     rebase_period: int = 2**15
     description: str = ""
     position_table: Optional[int] = None  # rows of a precomputed sin/cos table the model reads (GPT-J)
+    rotary_slot: str = "keys"  # "values": latent attention's rotated key part (see PositionScheme)
 
     def __post_init__(self) -> None:
         if not self.description:
             layout = "interleaved pairs" if self.interleaved else "rotate-half"
-            self.description = f"RoPE ({layout}, {self.rotary_dims(0)} rotary dims)"
+            where = ", in the value slot (latent attention)" if self.rotary_slot == "values" else ""
+            self.description = f"RoPE ({layout}, {self.rotary_dims(0)} rotary dims{where})"
 
     def _freq(self, layer_idx: int) -> torch.Tensor:
         if isinstance(self.inv_freq, torch.Tensor):
@@ -191,6 +197,12 @@ class Rotary(PositionScheme):
         if key not in trim.shared:  # one phase per distinct base, shared by its layers
             trim.shared[key] = rope_phase(trim.sink_shift, freq).to(keys.device)
         write_rotated(sinks, trim.state["sink_pairs"], trim.shared[key], self.interleaved)
+
+    def static_unsupported(self) -> Optional[str]:
+        if self.rotary_slot != "keys":
+            return ("its rotary key part is stored in the cache's value slot (latent attention), which the static "
+                    "cache does not re-rotate; use the eager press")
+        return super().static_unsupported()
 
     def static_rotary(self, layer_idx: int) -> Optional[tuple]:
         dims = self.rotary_dims(layer_idx)
@@ -289,6 +301,7 @@ def rope_positions(
     *,
     rotary_start: Union[int, Callable[[Any], int]] = 0,
     per_layer_type: bool = False,
+    rotary_slot: str = "keys",
 ) -> SchemeFactory:
     """A factory for RoPE families whose base model holds the rotary module at ``rotary_attr``.
 
@@ -297,6 +310,8 @@ def rope_positions(
     is the length of ``inv_freq``. ``per_layer_type=True``: the module holds one
     ``{layer_type}_inv_freq`` per entry of ``config.layer_types`` (Gemma 3's local and global
     bases). ``rotary_start``: first rotary feature of a head (an int or ``config -> int``).
+    ``rotary_slot="values"``: the rotated key part is stored in the cache's value slot (multi-head
+    latent attention, DeepSeek V2/V3).
 
     >>> rope_positions("rotary_emb", interleaved=True)  # doctest: +ELLIPSIS
     <function rope_positions.<locals>.positions at ...>
@@ -325,7 +340,8 @@ def rope_positions(
                     "adapter needs updating for this model or transformers release"
                 )
         start = rotary_start(config) if callable(rotary_start) else rotary_start
-        return Rotary(inv_freq=inv_freq, interleaved=interleaved, rotary_start=start, rope_type=rope_type(config))
+        return Rotary(inv_freq=inv_freq, interleaved=interleaved, rotary_start=start, rope_type=rope_type(config),
+                      rotary_slot=rotary_slot)
 
     return positions
 

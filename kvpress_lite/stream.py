@@ -199,7 +199,8 @@ def apply_plan(plan: CallPlan, layer, layer_idx: int, scheme: PositionScheme, po
             keys, values = _gather(keys, plan.index), _gather(values, plan.index)
         if position_shift:
             shift = plan.shift_after - stream.offset
-            scheme.after_trim(keys, Trim(layer_idx, stream.n_sink, shift, state.scheme_state, plan.shared,
+            rotated = values if getattr(scheme, "rotary_slot", "keys") == "values" else keys
+            scheme.after_trim(rotated, Trim(layer_idx, stream.n_sink, shift, state.scheme_state, plan.shared,
                                          plan.new_sinks))
     layer.keys, layer.values = keys, values
     state.keys_ref = keys
@@ -222,7 +223,7 @@ def rebase(stream: Stream, layers: dict[int, object], scheme: PositionScheme) ->
         return 0
     with torch.no_grad():
         for layer_idx, layer in layers.items():
-            keys = getattr(layer, "keys", None)
+            keys = getattr(layer, getattr(scheme, "rotary_slot", "keys"), None)
             if keys is not None and keys.numel():
                 scheme.rebase(keys, layer_idx, step)
     stream.offset += step

@@ -83,9 +83,27 @@ def _n_layers(config: Any) -> int:
     raise ValueError(f"{type(config).__name__} names no layer count")
 
 
+def _text_config(config: Any) -> Any:
+    """A multimodal wrapper's text config (its layers are the ones pressed), else the config."""
+    get_text = getattr(config, "get_text_config", None)
+    return get_text() if callable(get_text) else config
+
+
+def _decoder_prefix(model: nn.Module) -> str:
+    """Where a wrapper's text decoder sits (``model.language_model.``); "" for a plain causal LM."""
+    from .wrappers import text_view
+
+    view = text_view(model)
+    if view is None:
+        return ""
+    return next(name + "." for name, module in model.named_modules() if module is view.base_model)
+
+
 def truncated(model: nn.Module, keep: list[int]) -> nn.Module:
-    """A float32 copy of ``model`` with only its layers ``keep`` (in that order), real weights."""
-    config = copy.deepcopy(model.config)
+    """A float32 copy of ``model`` with only its (text) layers ``keep`` (in that order), real weights."""
+    outer = copy.deepcopy(model.config)
+    config = _text_config(outer)
+    prefix = _decoder_prefix(model)
     n = _n_layers(config)
     for name, value in list(vars(config).items()):  # per-layer lists follow the layers kept
         if isinstance(value, (list, tuple)) and len(value) == n and name != "architectures":
@@ -93,12 +111,12 @@ def truncated(model: nn.Module, keep: list[int]) -> nn.Module:
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(getattr(config, name, None), int):
             setattr(config, name, len(keep))
-    small = type(model)(config).float().eval()
+    small = type(model)(outer).float().eval()
     mapping = {old: new for new, old in enumerate(keep)}
     state = {}
     pattern = re.compile(r"(^|\.)(layers|h|blocks|layer)\.(\d+)\.")
     for key, tensor in model.state_dict().items():
-        match = pattern.search(key)
+        match = pattern.search(key) if key.startswith(prefix) else None  # a vision tower's layers stay
         if match is None:
             state[key] = tensor
         elif int(match.group(3)) in mapping:
@@ -173,6 +191,7 @@ def verify(model: nn.Module, adapter: Any = None, seed: int = 0) -> VerifyReport
     from .adapter import Adapter
     from .cache_access import RECURRENT_LAYER_TYPES
     from .errors import UnsupportedModelError
+    from .wrappers import text_view
     from .positions import AbsoluteEmbedding
     from .registry import find_adapter
 
@@ -180,8 +199,8 @@ def verify(model: nn.Module, adapter: Any = None, seed: int = 0) -> VerifyReport
     report = VerifyReport(model=name)
     if not isinstance(adapter, Adapter):
         adapter = find_adapter(model, adapter)  # an unsupported model is refused here, naming why
-    n = _n_layers(model.config)
-    types = _layer_types(model.config, n)
+    n = _n_layers(_text_config(model.config))
+    types = _layer_types(_text_config(model.config), n)
     vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None else 100
     ids = torch.randint(0, vocab, (1, STREAM), generator=torch.Generator().manual_seed(seed))
 
@@ -211,7 +230,8 @@ def verify(model: nn.Module, adapter: Any = None, seed: int = 0) -> VerifyReport
         first = [0, 1]
     try:
         two = truncated(model, first)
-    except ValueError as exc:  # a layer pattern derived from other fields (Jamba's attn_layer_period)
+    except (ValueError, RuntimeError) as exc:  # a layer pattern derived from other fields (Jamba's
+        # attn_layer_period), or weights sized by the layer count (Gemma 4's per-layer embeddings)
         report.checks.append(Check("no-op", f"layers {first}", "could not run", detail=str(exc)[:160]))
         return report
 
@@ -236,8 +256,12 @@ def verify(model: nn.Module, adapter: Any = None, seed: int = 0) -> VerifyReport
             report.checks.append(Check("shifted", label, "not applicable", detail="a recurrent layer: the press "
                                        "leaves its fixed-size state whole (no-op and bounded ran it)"))
             continue
-        one = truncated(model, [index])
-        scheme = adapter.positions(one)
+        try:
+            one = truncated(model, [index])
+        except (ValueError, RuntimeError) as exc:
+            report.checks.append(Check("shifted", label, "could not run", detail=str(exc)[:160]))
+            continue
+        scheme = adapter.positions(text_view(one) or one)  # a wrapper's positions are its text model's
         learned = isinstance(scheme, AbsoluteEmbedding)
         run("shifted", label, lambda: _compare(one, ids, shift=True, learned=learned, adapter=adapter))
         if takes_positions:

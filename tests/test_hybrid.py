@@ -137,3 +137,10 @@ def test_a_pure_recurrent_model_is_refused_as_already_constant():
     model = tiny_model("mamba", 2)
     with pytest.raises(kvl.UnsupportedModelError, match="already runs at constant memory"):
         kvl.apply_press(model, capacity=CAPACITY)
+
+
+
+@pytest.mark.skipif(V5, reason="the 4.x refusal; 5.x serves latent attention (tests/test_mla.py)")
+def test_mla_is_refused_on_4x():
+    with pytest.raises(kvl.UnsupportedModelError, match="transformers >= 5"):
+        kvl.apply_press(tiny_model("deepseek_v3", 1), capacity=CAPACITY)

@@ -302,7 +302,7 @@ def check_multilayer_absolute(model, adapter=None) -> float:
         got, _ = loop(model, ids)
     finally:
         press.remove()
-    config = model.config
+    config = model.config.get_text_config()  # a multimodal wrapper's layers are its text model's
     types = list(getattr(config, "layer_types", None) or ["full_attention"])
     masks = {kind: None if kind in RECURRENT_KINDS else _visible_mask(layer_visibility(config, kind), STREAM, model.dtype)
              for kind in set(types)}

@@ -129,6 +129,11 @@ def test_family(model_type):
 
     # the model_type the press sees (4.5x builds "code_llama" as a "llama" config, say)
     info = registered().get(model.config.model_type)
+    if info is None and model.config.model_type in kvl.registry.get_registry().wrappers():
+        text = model.config.get_text_config()
+        info = registered().get(text.model_type)  # a multimodal wrapper, served through its text model
+        if info is not None:
+            record.update(wrapper_of=text.model_type)
     if info is None:
         calls = []
         handle = model.register_forward_pre_hook(lambda *a, **k: calls.append(1))
@@ -141,7 +146,7 @@ def test_family(model_type):
         record.update(status="refused", reason=str(caught.value).splitlines()[0][:300])
         return
     try:  # an adapter may decline a model on this release (a version it was not verified on): a clean refusal
-        info.adapter.positions(model)
+        info.adapter.positions(_subject(model))
     except kvl.UnsupportedModelError as exc:
         with pytest.raises(kvl.UnsupportedModelError):
             kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY)
@@ -149,6 +154,15 @@ def test_family(model_type):
         return
     # accepted: every check must pass, on every transformers release the suite runs on
     _check_registered(model_type, model, info, pattern, record)
+
+
+def _subject(model):
+    """What an adapter reads: the model, or a wrapper's text model (kvpress_lite.wrappers.text_view)."""
+    from kvpress_lite.wrappers import text_view
+
+    view = text_view(model)
+    wrapper = model.config.model_type in kvl.registry.get_registry().wrappers()
+    return view if view is not None and wrapper else model
 
 
 def cache_kinds(model) -> str:
@@ -169,7 +183,7 @@ def cache_kinds(model) -> str:
 
 def _check_registered(model_type, model, info, pattern, record):
     record.update(adapter=info.name, plugin=info.plugin, cache=cache_kinds(model))
-    scheme = info.adapter.positions(model)
+    scheme = info.adapter.positions(_subject(model))
     record.update(positions=scheme_text(scheme))
     variants = layer_variants(model_type)
     attns = ["eager"] + (["sdpa"] if supports_sdpa(model_type, pattern) else [])
@@ -316,3 +330,17 @@ def test_every_type_of_this_release_has_been_triaged():
         f"transformers {transformers.__version__} has causal-LM types nobody has triaged: {', '.join(untriaged)}. "
         "Run tests/conformance/survey.py on them, then add each to an adapter or to adapters/refusals.py."
     )
+
+
+@pytest.mark.skipif(not SURVEYED_ON_5X, reason="latent attention caches its latent and rotary part on transformers 5 only")
+def test_latent_attention_rotated_in_the_key_slot_fails_the_shifted_check():
+    """DeepSeek V3 keeps its rotary key part in the cache's value slot: a scheme that re-rotates
+    the key slot (the position-free latent) must fail (e); the value slot must pass."""
+    def adapter(slot):
+        return kvl.Adapter(name=f"mla-{slot}", model_types=("deepseek_v3",), attention_path="layers.*.self_attn",
+                           positions=kvl.rope_positions("rotary_emb", rotary_slot=slot))
+
+    model = _one_layer("deepseek_v3")
+    with pytest.raises((CheckFailed, RuntimeError)):
+        check_positions(model, adapter("keys"), True, "rope")
+    assert check_positions(model, adapter("values"), True, "rope") <= TOL
