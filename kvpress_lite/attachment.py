@@ -337,7 +337,7 @@ class Attachment:
                     "an earlier call on this cache failed part-way, so its layers disagree; start a new cache"
                 )
             for idx, state in stream.layers.items():
-                if state.keys_ref is not None and layers[idx].keys is not state.keys_ref:
+                if state.keys_ref is not None and not _same(cache_access.stored_kv(layers[idx])[0], state.keys_ref):
                     stream.broken = True
                     raise UnsupportedGenerationError(
                         "the cache was changed outside the press (beam search, assisted/speculative decoding, or a "
@@ -442,6 +442,11 @@ def _describe(settings: tuple) -> str:
     n_sink, capacity, ratio, shift, adapter, scheme = settings
     budget = f"capacity={capacity}" if capacity is not None else f"compression_ratio={ratio}"
     return f"n_sink={n_sink}, {budget}, position_shift={shift}, adapter {adapter!r}"
+
+
+def _same(stored: torch.Tensor, ref: torch.Tensor) -> bool:
+    """The tensor the press left (an fp8 layer's bytes are a fresh view of the same storage)."""
+    return stored is ref or (stored.data_ptr() == ref.data_ptr() and stored.shape == ref.shape)
 
 
 def _layer_index(attention: nn.Module, position: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import UnsupportedGenerationError
@@ -85,14 +86,55 @@ def layer_kind(layer: Any) -> str:
         problem = "holds no attention keys/values (an SSM, convolution or linear-attention state)"
     elif getattr(layer, "is_compileable", False) or hasattr(layer, "max_cache_len"):
         problem = "has a fixed size (a static cache, e.g. cache_implementation='static')"
+    elif is_fp8(layer):
+        return SLIDING if getattr(layer, "is_sliding", False) else FULL
     elif hasattr(layer, "residual_length") or hasattr(layer, "quantizer"):
-        problem = "stores quantized keys (a quantized cache)"
+        problem = ("stores its keys quantized group-wise (the quanto / HQQ backends of cache_implementation="
+                   "'quantized'), as one block re-quantized as a whole at every flush of its residual buffer: "
+                   "dropping entries from that block means dequantizing and re-quantizing it over another set of "
+                   "tokens, a lossy round trip the press cannot make exact. Use the fp8 backend "
+                   "(QuantizedCache(backend='fp8', ...)), whose entries the press trims exactly")
     else:
         return SLIDING if getattr(layer, "is_sliding", False) else FULL
     raise UnsupportedGenerationError(
         f"the press cannot serve a cache layer of type {name}: it {problem}. The press trims transformers' dynamic "
         "cache; use the default (pass no cache, or a transformers.DynamicCache)."
     )
+
+
+def is_fp8(layer: Any) -> bool:
+    """transformers' ``Fp8QuantizedLayer``: keys and values in float8 with one frozen per-tensor scale,
+    appended as they come, so entries can be dropped or kept exactly (read off what it holds)."""
+    return hasattr(layer, "fp8_dtype") and hasattr(layer, "_quantized_keys")
+
+
+def stored_kv(layer: Any) -> tuple:
+    """The tensors holding a layer's entries along dim -2: its keys and values, or for an fp8
+    layer its float8 data viewed as bytes (gathered and copied exactly)."""
+    if is_fp8(layer):
+        return layer._quantized_keys[0].view(torch.uint8), layer._quantized_values[0].view(torch.uint8)
+    return layer.keys, layer.values
+
+
+def store_kv(layer: Any, keys: Any, values: Any) -> None:
+    """Put back what :func:`stored_kv` gave (trimmed)."""
+    if is_fp8(layer):
+        layer._quantized_keys = (keys.view(layer.fp8_dtype), layer._quantized_keys[1])
+        layer._quantized_values = (values.view(layer.fp8_dtype), layer._quantized_values[1])
+    else:
+        layer.keys, layer.values = keys, values
+
+
+def fp8_decode(layer: Any, stored: Any, slot: str) -> Any:
+    """Float values of the fp8 bytes ``stored`` of ``slot`` ("keys" / "values")."""
+    scale = (layer._quantized_keys if slot == "keys" else layer._quantized_values)[1]
+    return stored.view(layer.fp8_dtype).float() * scale
+
+
+def fp8_encode(layer: Any, values: Any, slot: str) -> Any:
+    """fp8 bytes of float ``values`` at ``slot``'s frozen scale (as the layer quantizes new entries)."""
+    scale = (layer._quantized_keys if slot == "keys" else layer._quantized_values)[1]
+    return (values.float() / scale).to(layer.fp8_dtype).view(torch.uint8)
 
 
 def follow_trim(layer: Any) -> None:
@@ -103,7 +145,7 @@ def follow_trim(layer: Any) -> None:
 
 
 def layer_length(layer: Any) -> int:
-    keys = getattr(layer, "keys", None)
+    keys = stored_kv(layer)[0] if is_fp8(layer) and layer._quantized_keys is not None else getattr(layer, "keys", None)
     if keys is None or keys.numel() == 0:
         return 0
     return keys.shape[-2]

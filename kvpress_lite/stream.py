@@ -25,6 +25,8 @@ from typing import Optional, Union
 
 import torch
 
+from . import cache_access
+
 from .core import padded_sink_window_indices, ring_slot, sink_window_indices
 from .positions import PositionScheme, Trim
 
@@ -175,7 +177,7 @@ def commit_plan(plan: CallPlan) -> None:
 def apply_plan(plan: CallPlan, layer, layer_idx: int, scheme: PositionScheme, position_shift: bool) -> None:
     """Trim one layer's cache (already updated with this call's tokens) as ``plan`` says, then
     let the position scheme adjust the kept entries."""
-    keys, values = layer.keys, layer.values  # [batch, kv_heads, total, head_dim]
+    keys, values = cache_access.stored_kv(layer)  # [batch, kv_heads, total, head_dim] (fp8: as bytes)
     stream, capacity = plan.stream, plan.stream.capacity
     state = stream.layer(layer_idx)
     if keys.shape[-2] != plan.total:
@@ -199,10 +201,17 @@ def apply_plan(plan: CallPlan, layer, layer_idx: int, scheme: PositionScheme, po
             keys, values = _gather(keys, plan.index), _gather(values, plan.index)
         if position_shift:
             shift = plan.shift_after - stream.offset
-            rotated = values if getattr(scheme, "rotary_slot", "keys") == "values" else keys
-            scheme.after_trim(rotated, Trim(layer_idx, stream.n_sink, shift, state.scheme_state, plan.shared,
-                                         plan.new_sinks))
-    layer.keys, layer.values = keys, values
+            slot = getattr(scheme, "rotary_slot", "keys")
+            rotated = values if slot == "values" else keys
+            fp8 = cache_access.is_fp8(layer)
+            if fp8:  # rotate the float values of the sinks, then store them at the layer's frozen scale
+                sinks = rotated.narrow(-2, 0, stream.n_sink)
+                decoded = cache_access.fp8_decode(layer, rotated, slot)
+            scheme.after_trim(decoded if fp8 else rotated, Trim(layer_idx, stream.n_sink, shift, state.scheme_state,
+                                                                 plan.shared, plan.new_sinks))
+            if fp8:
+                sinks.copy_(cache_access.fp8_encode(layer, decoded.narrow(-2, 0, stream.n_sink), slot))
+    cache_access.store_kv(layer, keys, values)
     state.keys_ref = keys
 
 
@@ -223,7 +232,14 @@ def rebase(stream: Stream, layers: dict[int, object], scheme: PositionScheme) ->
         return 0
     with torch.no_grad():
         for layer_idx, layer in layers.items():
-            keys = getattr(layer, getattr(scheme, "rotary_slot", "keys"), None)
+            slot = getattr(scheme, "rotary_slot", "keys")
+            if cache_access.is_fp8(layer):  # rotated as floats, stored again at the frozen scale (one rounding)
+                stored = cache_access.stored_kv(layer)[0 if slot == "keys" else 1]
+                decoded = cache_access.fp8_decode(layer, stored, slot)
+                scheme.rebase(decoded, layer_idx, step)
+                stored.copy_(cache_access.fp8_encode(layer, decoded, slot))
+                continue
+            keys = getattr(layer, slot, None)
             if keys is not None and keys.numel():
                 scheme.rebase(keys, layer_idx, step)
     stream.offset += step
