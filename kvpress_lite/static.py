@@ -207,9 +207,16 @@ def streaming_cache_class():
                          adapter: Optional[Adapter | str] = None) -> None:
                 from .attachment import plan_layers
                 from .registry import find_adapter
+                from .wrappers import text_view
 
                 validate_budget(n_sink, capacity)
                 chosen = adapter if isinstance(adapter, Adapter) else find_adapter(model, adapter)
+                if not chosen.matches(model) and text_view(model) is not None:
+                    raise UnsupportedModelError(
+                        f"static-shape streaming does not serve the multimodal wrapper {type(model).__name__} yet "
+                        "(its masks and positions are built by the wrapper, which the static cache does not drive). "
+                        "Use the eager press (kvpress_lite.apply_press), which serves it exactly."
+                    )
                 scheme = chosen.positions(model)
                 scheme.check(model, capacity=capacity, position_shift=True)
                 reason = scheme.static_unsupported()

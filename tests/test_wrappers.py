@@ -103,3 +103,11 @@ def test_verify_runs_its_checks_on_a_wrappers_text_layers():
     assert report.exact, str(report)
     checked = {c.layers for c in report.checks if c.name == "shifted" and c.status == "exact"}
     assert checked == {"full_attention (layer 1)"}
+
+
+def test_the_static_cache_refuses_a_wrapper_naming_the_eager_press():
+    from kvpress_lite.static import StreamingCache
+
+    wrapper, _ = wrapper_and_text_model("gemma3")
+    with pytest.raises(kvl.UnsupportedModelError, match="multimodal wrapper .*apply_press"):
+        StreamingCache(wrapper, n_sink=N_SINK, capacity=CAPACITY)
