@@ -10,10 +10,16 @@ built from kvpress_lite's public position classes; no adapter is registered here
   i.e. a rotation by minus the angle: the frequencies are negated.
 * :func:`layer_types_rope_positions`: RoPE on some layer types only (Cohere 2's sliding layers;
   its global layers are NoPE).
+* :func:`rope_parameters_layer_positions`: a base per layer type, read from
+  ``<layer_type>_inv_freq``, and NoPE where ``config.rope_parameters`` has no entry for the
+  type (Ergo: interleaved RoPE on its sliding layers, none on its global ones).
+* :func:`chunked_nope_layers_positions`: Llama 4: interleaved RoPE on its chunked-attention layers,
+  NoPE with temperature tuning on the others (see :class:`ChunkedRotary`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 import torch
@@ -107,5 +113,91 @@ def layer_types_rope_positions(rotary_attr: str = "rotary_emb", rope_layer_types
             )
         freq = inv_freq.detach().to(torch.float64).flatten()
         return _rotary(model, [freq if kind in rope_layer_types else freq[:0] for kind in types], interleaved)
+
+    return positions
+
+
+def rope_parameters_layer_positions(rotary_attr: str = "rotary_emb", interleaved: bool = False
+                                    ) -> Callable[[nn.Module], object]:
+    """RoPE with ``base.<rotary_attr>.<layer_type>_inv_freq`` on the layer types that
+    ``config.rope_parameters`` gives parameters, NoPE on the types it maps to None."""
+
+    def positions(model: nn.Module):
+        config = model.config
+        rotary = getattr(_base(model), rotary_attr, None)
+        types = list(getattr(config, "layer_types", None) or [])
+        params = getattr(config, "rope_parameters", None)
+        if rotary is None or not types or not isinstance(params, dict):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: expected base_model.{rotary_attr}, config.layer_types and per-layer-type "
+                "config.rope_parameters; the adapter needs updating for this model or transformers release"
+            )
+        freqs = []
+        for kind in types:
+            if params.get(kind) is None:  # a NoPE layer type
+                freqs.append(torch.zeros(0, dtype=torch.float64))
+                continue
+            freq = getattr(rotary, f"{kind}_inv_freq", None)
+            if not isinstance(freq, torch.Tensor):
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}: config.rope_parameters has {kind!r}, but base_model.{rotary_attr} holds "
+                    f"no `{kind}_inv_freq`; the adapter needs updating for this model or transformers release"
+                )
+            freqs.append(freq.detach().to(torch.float64).flatten())
+        return _rotary(model, freqs, interleaved)
+
+    return positions
+
+
+@dataclass
+class ChunkedRotary(kvl.Rotary):
+    """RoPE for a model with chunked-attention layers (Llama 4: each query sees only the keys of its
+    own ``attention_chunk_size`` block) whose NoPE layers scale queries by their index in the cache
+    (temperature tuning, read off ``cache.get_seq_length()``).
+
+    Both follow the cache, not the stream: chunk blocks are cut by cache index, and the tuning counts
+    cache entries. So with ``capacity <= attention_chunk_size`` every cache index lies in the first
+    block, the chunked layers see sinks + window like the full ones, and the model sees the cache as
+    a sequence of at most ``capacity`` tokens: positions within the cache, as the paper prescribes.
+    A larger capacity would cut the cache into blocks, and a query past the first block would not
+    see the sinks in its chunked layers (what makes the stream stable), and absolute
+    positions (``position_shift=False``) would hand RoPE stream positions while the tuning counts
+    cache entries: both are refused."""
+
+    chunk_size: int = 0
+    temperature_tuning: bool = False
+
+    def check(self, model: nn.Module, *, capacity: Optional[int], position_shift: bool) -> None:
+        super().check(model, capacity=capacity, position_shift=position_shift)
+        name = type(model).__name__
+        if capacity is None or capacity > self.chunk_size:
+            raise UnsupportedModelError(
+                f"{name} has chunked-attention layers (attention_chunk_size={self.chunk_size}), whose blocks are cut by "
+                f"cache index: past the first block a query would not see the sinks there. The press serves it with "
+                f"capacity <= {self.chunk_size} (every cached entry in one block), got {'compression_ratio' if capacity is None else f'capacity={capacity}'}. Pass "
+                f"capacity=<= {self.chunk_size}."
+            )
+        if not position_shift and self.temperature_tuning:
+            raise UnsupportedModelError(
+                f"{name} scales the queries of its NoPE layers by their index in the cache (attn_temperature_tuning), "
+                "which counts cache entries whatever positions RoPE is handed: position_shift=False would mix stream "
+                "and cache positions. Use position_shift=True (the default)."
+            )
+
+    def static_unsupported(self) -> Optional[str]:
+        return ("chunked-attention layers and cache-index temperature tuning are served by the eager press only")
+
+
+def chunked_nope_layers_positions(rotary_attr: str = "rotary_emb", flags_attr: str = "no_rope_layers",
+                                  interleaved: bool = True) -> Callable[[nn.Module], object]:
+    """:func:`nope_layers_positions` for a family with chunked-attention layers (Llama 4)."""
+    plain = nope_layers_positions(rotary_attr, flags_attr, interleaved)
+
+    def positions(model: nn.Module):
+        scheme = plain(model)
+        config = model.config
+        return ChunkedRotary(**{f.name: getattr(scheme, f.name) for f in fields(scheme)},
+                             chunk_size=int(getattr(config, "attention_chunk_size", 0) or 0),
+                             temperature_tuning=bool(getattr(config, "attn_temperature_tuning", False)))
 
     return positions

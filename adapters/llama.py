@@ -17,7 +17,7 @@ MODEL_TYPES = (
     "granitemoeshared", "hy_v3", "hyperclovax", "internlm3", "iquestcoder", "jais2", "minimax_m2",
     "minimax_m3_vl_text", "minicpm5_moe", "ministral", "ministral3", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "olmoe",
     "param2moe", "persimmon", "phi", "phi3", "phimoe", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "sarvam_moe", "seed_oss",
-    "solar_open", "stablelm", "starcoder2", "vaultgemma",
+    "solar_open", "stablelm", "starcoder2", "vaultgemma", "emu3_text_model",
 )
 
 

@@ -22,9 +22,6 @@ REFUSED = {
     "reference cannot be built and the press is not verified on it": ("olmo_hybrid",),
     "a hybrid that keeps its linear-attention state in a cache class of its own (MiniMaxCache), not in "
     "DynamicCache's layers the press reads": ("minimax",),
-    "a hybrid whose Mamba-2 layers change with the press's explicit position_ids (tiny model, transformers 5.25: a "
-    "stream that fits the cache is off by 0.40 relative with the press versus without), so it is refused until "
-    "the cause is found": ("bamba",),
     "a hybrid whose every layer runs Mamba-2 and attention in parallel on one cache layer, and whose masks follow "
     "its own layer-type names: the conformance suite's multi-layer reference cannot drive it (KeyError "
     "'full_attention'), so it is not verified": ("falcon_h1",),
@@ -41,36 +38,28 @@ REFUSED = {
     "compressed (sparse-indexed) attention: the cache is not a plain sequence of keys": ("deepseek_v4",),
     "a learned indexer picks which cached keys each query attends to (sparse attention), so the visible set is "
     "not sinks + window and an evicted key may be one it would pick": ("kolibri1_1",),
-    "positions count from padding_idx + 1; the example plugin kvpress-lite-roberta (plugins/ in the kvpress-lite "
-    "repository) serves this family": (
-        "camembert", "data2vec-text", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "xmod",
-    ),
     "no attention KV cache (a recurrent state, or no transformers cache at all): nothing to press": (
         "openai-gpt", "reformer", "rwkv", "xlm", "xlnet", "xlstm",
     ),
     "keys pass a causal convolution over neighbouring tokens, so a kept key depends on evicted ones": (
         "inkling2_loop_text", "inkling2_text", "inkling_text", "zaya",
     ),
-    "RoPE on its sliding layers and none on its global ones: the per-layer-type scheme built for it (NoPE where "
-    "config.rope_parameters has no entry) failed the positions-within-cache check on transformers 5.25 (relative "
-    "error 0.043), so it is refused until the cause is found": ("ergo",),
     "layers run several times per token on one shared cache (looped / hierarchical recurrence)": ("dory", "hrm_text"),
-    "a normalisation with a learned gain is applied to keys after RoPE, so rotating a cached key is no longer a "
-    "position shift": ("hunyuan_v1_dense", "hunyuan_v1_moe"),
     "queries are scaled by a function of their absolute position (scalable softmax), which positions within "
     "the cache would change": ("beam",),
+    "queries and keys both pass an RMSNorm with a learned gain after RoPE, so a score depends on the two absolute "
+    "positions, not only on their distance (tiny model, transformers 5.25: 0.046 relative off positions within the "
+    "cache with the gain undone before re-rotating the sinks); exactness would need every cached key re-rotated at "
+    "every step": ("hunyuan_v1_dense", "hunyuan_v1_moe"),
     "T5-style bucketed relative position bias, computed from absolute positions the press does not hand": ("cpmant",),
-    "chunked-attention layers (attention_chunk_size) are not sliding windows, and the press has no exact treatment "
-    "for them": ("llama4_text",),
     "its sinusoidal RoPE is built from the sequence length, not from position_ids the press could hand": ("roformer",),
     "the causal-LM wrapper calls the decoder directly and takes no position_ids": ("trocr",),
     "deprecated in transformers 4.x and removed in 5, so never surveyed: not verified": (
         "mega", "open-llama", "qdqbert", "speech_to_text_2", "transfo-xl", "xlm-prophetnet",
     ),
-    "the decoder of an encoder-decoder model: kvpress-lite streams decoder-only causal LMs": (
-        "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "musicgen",
-        "musicgen_melody", "mvp", "pegasus", "plbart", "prophetnet", "whisper",
-    ),
+    "the decoder of an encoder-decoder model whose causal LM is not a plain token decoder: it is not verified "
+    "(MusicGen's takes one row of tokens per audio codebook; ProphetNet's predicts n-gram streams beside the "
+    "main one)": ("musicgen", "musicgen_melody", "prophetnet"),
     "a composite model the conformance suite does not build tiny (a byte-level patcher, an image-captioning or "
     "speech model whose decoder is the whole model, a draft model reading its target's KV): not verified": (
         "blt", "gemma4_unified_assistant", "gemma4_assistant", "git", "moshi", "phi4_multimodal",
@@ -79,9 +68,6 @@ REFUSED = {
     "so it is not built tiny and not verified; its text model qwen2 is served": ("got_ocr2",),
     "an audio wrapper whose forward takes position_ids only through **kwargs, so the conformance suite's "
     "reference at given positions cannot be built and the press is not verified on it": ("moss_transcribe_diarize",),
-    "interleaved cross-attention layers (to image states) beside self-attention: not verified": ("mllama_text_model",),
-    "the text model of Emu3 has not been run through the conformance suite (AutoModelForCausalLM builds it for "
-    "emu3, and its tiny config does not build): not verified": ("emu3_text_model",),
     "a multimodal wrapper whose vision tower is a timm model (timm is not among the test dependencies), so the "
     "conformance suite cannot build it; its text model gemma3n_text is served": ("gemma3n",),
 }

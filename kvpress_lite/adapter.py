@@ -54,6 +54,12 @@ class Adapter:
         Dotted path from ``model.base_model`` to the module that takes the tokens, the
         cache and ``position_ids`` (where the press's call hooks go). Default ``""``: the
         base model itself. OPT's causal LM calls ``model.decoder`` directly: ``"decoder"``.
+    position_module:
+        Dotted path from ``model.base_model`` to the module that turns positions into
+        embeddings, for families whose decoder takes no ``position_ids`` and counts positions
+        from the cache length itself (the decoders of BART, Marian, Pegasus, Whisper, ...):
+        the press hands its positions to that module's ``position_ids`` keyword instead.
+        Default ``""``: the positions go to the decoder.
 
     Example
     -------
@@ -70,6 +76,7 @@ class Adapter:
     cache_kwargs: tuple[str, ...] = DEFAULT_CACHE_KWARGS
     description: str = field(default="", compare=False)
     decoder_path: str = ""
+    position_module: str = ""
 
     def matches(self, model: nn.Module) -> bool:
         """True when ``model``'s ``config.model_type`` is one of :attr:`model_types`."""
@@ -85,6 +92,18 @@ class Adapter:
             raise UnsupportedModelError(
                 f"adapter {self.name!r} found no single decoder module at {self.decoder_path!r} in "
                 f"{type(model).__name__}"
+            )
+        return found[0]
+
+    def positions_module(self, model: nn.Module) -> nn.Module | None:
+        """The module that takes the press's ``position_ids`` (see :attr:`position_module`), or None."""
+        if not self.position_module:
+            return None
+        found = _walk(base_model(model), self.position_module.split("."))
+        if len(found) != 1 or "position_ids" not in inspect.signature(found[0].forward).parameters:
+            raise UnsupportedModelError(
+                f"adapter {self.name!r} found no single module taking position_ids at {self.position_module!r} in "
+                f"{type(model).__name__}; the adapter needs updating for this transformers release."
             )
         return found[0]
 

@@ -156,6 +156,17 @@ class Attachment:
             logger.warning("kvpress-lite: adapter %r is forced on %s (model_type=%r), which it was not written for",
                            adapter.name, type(model).__name__, model_type)
         attentions = adapter.attention_modules(model)
+        # a decoder that counts positions itself (BART, Marian, Whisper ...) takes them at its embedding
+        self.position_target = adapter.positions_module(model)
+        self.positions: Optional[torch.Tensor] = None
+        takes = inspect.signature(self.base.forward).parameters
+        if self.position_target is None and "position_ids" not in takes and not any(
+                p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values()):
+            raise UnsupportedModelError(
+                f"adapter {adapter.name!r}: {type(self.base).__name__}.forward takes no position_ids, so the press "
+                "cannot hand it positions within the cache. Name the module that takes them in the adapter's "
+                "position_module (the decoders of BART and Marian: 'decoder.embed_positions')."
+            )
         indices = [_layer_index(attention, i) for i, attention in enumerate(attentions)]
         self.layers = plan_layers(model, indices, press.n_sink, press.capacity)
         self.base_kwargs = set(inspect.signature(self.base.forward).parameters)
@@ -170,6 +181,9 @@ class Attachment:
         try:
             self.handles.append(self.base.register_forward_pre_hook(PressHook(self._pre_hook), with_kwargs=True))
             self.handles.append(self.base.register_forward_hook(PressHook(self._post_hook), with_kwargs=True))
+            if self.position_target is not None:
+                self.handles.append(self.position_target.register_forward_pre_hook(
+                    PressHook(self._position_hook), with_kwargs=True))
             for attention, idx in zip(attentions, indices):
                 if idx in self.layers.recurrent:  # a linear-attention module at the attention path: nothing to trim
                     continue
@@ -211,6 +225,13 @@ class Attachment:
                 "attends bidirectionally within an image block, and an eviction could cut through one). Stream text "
                 "through it, or run media prompts without the press."
             )
+        if crossed := [k for k in CROSS_ATTENTION_INPUTS if kwargs.get(k) is not None]:
+            raise UnsupportedGenerationError(
+                f"this call to {type(self.model).__name__} carries {crossed[0]}: a cross-attention call (to an "
+                "encoder's or an image's states), which the press does not stream (its cache would mix those keys into "
+                "the decoder's, or keep them beside it unbounded). Stream the decoder alone as a causal LM, or run "
+                "such calls without the press."
+            )
         tokens = kwargs.get("input_ids")
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
@@ -235,6 +256,12 @@ class Attachment:
             kwargs[cache_name] = cache
         kwargs.pop("past_key_values" if cache_name == "cache" else "cache", None)
         stream = self._stream_for(cache, batch, q, kwargs.get("attention_mask"))
+        if self.position_target is not None and stream.padded:
+            raise UnsupportedGenerationError(
+                f"a padded batch under the press on {type(self.model).__name__}: its decoder numbers positions for "
+                "the whole batch at once (one row of position ids), so rows whose padding differs cannot get "
+                "positions of their own. Stream one conversation per call, or batch rows without padding."
+            )
         skip_seen_tokens(kwargs, stream)  # generate() given the whole conversation: only the new part goes in
         tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
         q = tokens.shape[1]
@@ -265,7 +292,10 @@ class Attachment:
         positions = scheme.position_ids(
             stream_positions(stream, q, new_valid), capacity=stream.capacity, position_shift=press.position_shift
         )
-        kwargs["position_ids"] = positions.to(tokens.device)
+        if self.position_target is None or "position_ids" in self.base_kwargs:
+            kwargs["position_ids"] = positions.to(tokens.device)
+        if self.position_target is not None:
+            self.positions = positions[0].to(tokens.device)
         if "cache_position" in self.base_kwargs:  # transformers < 5.x: mask and cache read it
             kwargs["cache_position"] = torch.arange(stream.stored, stream.stored + q, device=tokens.device)
         if stream.padded:
@@ -276,6 +306,11 @@ class Attachment:
         record_tokens(stream, kwargs.get("input_ids"))
         self.call, self.owner = plan, threading.get_ident()
         return (), kwargs
+
+    def _position_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.call is None or self.positions is None:
+            return None
+        return args, {**kwargs, "position_ids": self.positions}
 
     def _attention_hook(self, layer_idx: int, cache_kwarg: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -301,6 +336,7 @@ class Attachment:
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         plan, self.call = self.call, None
+        self.positions = None
         if plan is None:
             return None
         stream = plan.stream
@@ -421,6 +457,10 @@ class Attachment:
                 )
             return None
         return new
+
+
+# keywords that make a call attend to another model's states (seq2seq decoders, Mllama's image layers)
+CROSS_ATTENTION_INPUTS = ("encoder_hidden_states", "cross_attention_states")
 
 
 def _under_torch_compile() -> bool:

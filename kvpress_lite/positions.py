@@ -225,10 +225,13 @@ class AbsoluteEmbedding(PositionScheme):
     table with its offset of 2, XGLM's sinusoids). Cached keys keep the position they were
     made with; with the shift a new token gets the cache slot it lands in (at most
     ``capacity - 1``), so the stream never leaves the table however long it runs.
-    ``max_positions``: rows in the table (None: unbounded, e.g. sinusoids)."""
+    ``max_positions``: rows in the table (None: unbounded, e.g. sinusoids); ``offset``: the row
+    of position 0, for tables the model indexes with the positions it is handed as they are
+    (RoBERTa's start at ``padding_idx + 1``; ``max_positions`` then counts the rows from there)."""
 
     max_positions: Optional[int] = None
     description: str = "absolute position embedding"
+    offset: int = 0
 
     def check(self, model: nn.Module, *, capacity: Optional[int], position_shift: bool) -> None:
         if position_shift and capacity is not None and self.max_positions is not None and capacity > self.max_positions:
@@ -243,10 +246,10 @@ class AbsoluteEmbedding(PositionScheme):
 
     def position_ids(self, stream_positions: torch.Tensor, *, capacity: int, position_shift: bool) -> torch.Tensor:
         if not position_shift:
-            return stream_positions
+            return stream_positions + self.offset
         q = stream_positions.shape[-1]
         bound = (capacity - q) + torch.arange(q, device=stream_positions.device).view(1, -1)
-        return torch.minimum(stream_positions, bound).clamp(min=0)
+        return torch.minimum(stream_positions, bound).clamp(min=0) + self.offset
 
 
 class Alibi(PositionScheme):

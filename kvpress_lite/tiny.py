@@ -132,6 +132,8 @@ _SPECIAL: dict[str, Any] = {
     "nemotron_h": lambda n, layer: dict(layers_block_type=["linear_attention"] * (n - 1) + ["full_attention"]),
     # temperature tuning of NoPE layers starts at floor_scale positions: bring it within a short stream
     "llama4_text": dict(floor_scale=4),
+    # Mllama's cross-attention layers (to image states) sit at fixed depths past a tiny model's: keep one
+    "mllama_text_model": lambda n, layer: dict(cross_attention_layers=[n - 1] if n > 1 else []),
 }
 # BERT/RoBERTa-likes compute positions from the padding id (padding_idx + 1 onwards): keep one
 for _t in ("camembert", "data2vec-text", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "xmod"):
@@ -384,8 +386,6 @@ def tiny_config(model_type: str, num_layers: int = 2, layer=None, window: int = 
         return _composite_config(model_type, defaults, num_layers, layer, window, sliding)
     if subs:
         raise NotBuildable("composite/multimodal", f"sub-configs {subs}")
-    if getattr(default, "is_encoder_decoder", False):
-        raise NotBuildable("encoder-decoder", "decoder of an encoder-decoder model")
     kwargs = _overrides(model_type, defaults, num_layers, layer, window, sliding)
     error = ""
     for _ in range(8):

@@ -144,3 +144,25 @@ def test_a_pure_recurrent_model_is_refused_as_already_constant():
 def test_mla_is_refused_on_4x():
     with pytest.raises(kvl.UnsupportedModelError, match="transformers >= 5"):
         kvl.apply_press(tiny_model("deepseek_v3", 1), capacity=CAPACITY)
+
+
+@on_5
+@torch.no_grad()
+def test_bamba_under_the_press_numbers_a_plain_loop_as_its_dense_forward():
+    """Bamba (transformers 5.25) numbers each call's tokens from 0 when handed no position_ids, so its
+    own plain decoding loop puts every new token at RoPE position 0 (generate() hands positions). The
+    press hands every call its positions: a pressed plain loop over a stream that fits equals one
+    dense forward over the stream, whatever the unpressed loop does."""
+    model = tiny_model("bamba", 2)
+    ids = torch.randint(0, 128, (1, CAPACITY), generator=torch.Generator().manual_seed(6))
+    dense = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
+        cache, got = None, []
+        for t in range(CAPACITY):
+            kwargs = {} if cache is None else {model_cache_kwarg(model): cache}
+            out = model(input_ids=ids[:, t:t + 1], use_cache=True, **kwargs)
+            cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+            got.append(out.logits[0, -1])
+    bound = float32_bound(model.config, CAPACITY, runs=2)
+    err = float((torch.stack(got) - dense).abs().max() / dense.abs().max().clamp(min=1))
+    assert err <= bound, (err, bound)

@@ -196,3 +196,72 @@ def test_compiling_a_model_under_the_eager_press_is_refused_naming_the_compiled_
         with torch.no_grad():  # the eager model under the press is untouched by the refusal
             assert model(input_ids=ids, use_cache=True).logits.shape == (1, 3, 128)
     torch._dynamo.reset()
+
+
+
+def test_a_seq2seq_decoder_refuses_padded_batches_and_encoder_states():
+    """BART's decoder numbers positions for the whole batch at once, so rows with their own padding
+    cannot get their own positions; a call with encoder states is a seq2seq call, whose
+    cross-attention would write the encoder's keys into the pressed cache. Both are refused at the
+    call, and an unpadded batch streams each row as that row streams alone."""
+    from kvpress_lite.tiny import tiny_model as tiny
+
+    model = tiny("bart", 2)
+    ids = torch.randint(5, 128, (2, 30), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :3] = 0
+
+    def rows(batch):
+        cache, out = DynamicCache(), []
+        for t in range(batch.shape[1]):
+            out.append(model(input_ids=batch[:, t:t + 1], use_cache=True, **{cache_kwarg(model): cache}).logits[:, 0])
+        return torch.stack(out, dim=1)
+
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY), torch.no_grad():
+        with pytest.raises(kvl.UnsupportedGenerationError, match=r"padded batch .* \(one row of position ids\)"):
+            model(input_ids=ids, attention_mask=mask)
+        with pytest.raises(kvl.UnsupportedGenerationError, match="encoder_hidden_states"):
+            model(input_ids=ids, encoder_hidden_states=torch.zeros(2, 5, model.config.d_model))
+        both, alone = rows(ids), rows(ids[1:])
+    assert_float32_close(both[1], alone[0], model, CAPACITY + 1)
+
+
+@pytest.mark.skipif(int(__import__("transformers").__version__.split(".")[0]) < 5,
+                    reason="Mllama's text model is built tiny (and served) on transformers >= 5 only")
+def test_mllama_streams_text_past_its_cross_attention_layer_and_refuses_image_states():
+    """Mllama's text model holds cross-attention layers (to image states) that run only when a call
+    carries cross_attention_states: a text stream presses the self-attention layers and leaves the
+    cross-attention layer's cache empty; a call with image states is refused before it runs."""
+    from kvpress_lite.tiny import tiny_model as tiny
+
+    model = tiny("mllama", 2)
+    kinds = [type(layer).__name__ for layer in model.model.layers]
+    assert kinds == ["MllamaSelfAttentionDecoderLayer", "MllamaCrossAttentionDecoderLayer"], kinds
+    ids = torch.randint(5, 100, (1, 40), generator=torch.Generator().manual_seed(4))
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY) as press, torch.no_grad():
+        loop_logits(model, ids, 5)
+        assert press.stats.cache_length == [CAPACITY]  # the one self-attention layer
+        with pytest.raises(kvl.UnsupportedGenerationError, match="cross_attention_states"):
+            model(input_ids=ids[:, :3], cross_attention_states=torch.zeros(1, 4, model.config.hidden_size))
+
+
+@pytest.mark.skipif(int(__import__("transformers").__version__.split(".")[0]) < 5,
+                    reason="Llama 4 is built tiny (and served) on transformers >= 5 only")
+def test_llama4_refuses_a_capacity_past_its_chunk_and_absolute_positions():
+    """Llama 4's chunked layers cut blocks by cache index and its NoPE layers' temperature tuning counts
+    cache entries: a capacity past the chunk would hide the sinks from later queries, and absolute
+    positions would mix stream and cache positions. Both are refused at apply_press, naming the fix."""
+    from kvpress_lite.tiny import tiny_model as tiny
+
+    model = tiny("llama4_text", 2, window=16)  # attention_chunk_size=16
+    with pytest.raises(kvl.UnsupportedModelError, match="capacity <= 16"):
+        kvl.apply_press(model, n_sink=N_SINK, capacity=32)
+    with pytest.raises(kvl.UnsupportedModelError, match="capacity <= 16"):
+        kvl.apply_press(model, n_sink=N_SINK, capacity=None, compression_ratio=0.5)
+    with pytest.raises(kvl.UnsupportedModelError, match="position_shift=True"):
+        kvl.apply_press(model, n_sink=N_SINK, capacity=8, position_shift=False)
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=8) as press:  # the conformance suite proves it exact
+        cache = DynamicCache(config=model.config)  # its chunked layers are windowed cache layers
+        for token in torch.randint(0, 100, (40, 1, 1), generator=torch.Generator().manual_seed(5)):
+            model(input_ids=token, use_cache=True, **{cache_kwarg(model): cache})
+        assert press.stats.cache_length == [8, 8]

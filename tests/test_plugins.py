@@ -72,7 +72,8 @@ def test_third_party_plugin_with_its_own_position_scheme_streams_exactly(install
     model, n_sink, capacity = roberta_decoder(1), 2, 8
     length = 120 if shift else 60  # shifted, the stream runs past the table's 64 positions; absolute, it cannot
     ids = torch.randint(2, 128, (1, length), generator=torch.Generator().manual_seed(11))  # no padding id (1)
-    with kvl.apply_press(model, n_sink=n_sink, capacity=capacity, position_shift=shift) as press:
+    # kvpress-lite serves RoBERTa built in (roberta_decoder); the example plugin's own scheme is chosen by name
+    with kvl.apply_press(model, n_sink=n_sink, capacity=capacity, position_shift=shift, adapter="roberta") as press:
         assert press.adapter.name == "roberta" and "row 2" in press.positions.description
         got = loop_logits(model, ids, 4)
         assert press.stats.cache_length == [capacity]
@@ -84,7 +85,7 @@ def test_third_party_plugin_with_its_own_position_scheme_streams_exactly(install
                          attention_mask=torch.ones(1, len(kept), dtype=torch.long)).logits[0, -1]
         assert_float32_close(got[t], want, model, capacity + 1, runs=2)
     with pytest.raises(ValueError, match="exceeds the 64 learned positions"):  # 66 rows, from row 2
-        kvl.apply_press(model, capacity=65)
+        kvl.apply_press(model, capacity=65, adapter="roberta")
 
 
 def test_broken_plugins_are_reported_by_name_and_skipped(installed_plugins):

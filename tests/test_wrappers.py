@@ -94,7 +94,8 @@ def test_image_inputs_are_refused_at_the_call():
 def test_the_registry_names_what_serves_a_wrapper():
     assert support_for("gemma3").status == "accepted" and "gemma3_text" in support_for("gemma3").detail
     assert support_for("gemma3n").status == "refused"  # its timm vision tower is not built by the suite
-    assert support_for("llama4").status == "refused"  # through its text model's refusal
+    assert support_for("llama4").status == "accepted"  # built as its text model, llama4_text
+    assert support_for("qwen4_exp").status == "refused"  # through its text model's refusal
 
 
 def test_verify_runs_its_checks_on_a_wrappers_text_layers():

@@ -6,6 +6,10 @@ learned table is the first token), so the positions the press hands must carry t
 offset, and the table holds ``max_position_embeddings - padding_idx - 1`` usable rows. The
 scheme below is the built-in absolute-embedding scheme plus that offset: 25 lines that make
 seven families stream exactly (tested against dense forwards in kvpress-lite's test suite).
+
+kvpress-lite has since taken this family in (its built-in ``roberta_decoder`` adapter, with
+``AbsoluteEmbedding(offset=...)``); the plugin stays as the worked example of a scheme of one's
+own. Installed beside the built-in, it is chosen with ``apply_press(model, adapter="roberta")``.
 """
 
 import kvpress_lite as kvl
@@ -16,11 +20,11 @@ class PaddingOffsetPositions(kvl.AbsoluteEmbedding):
 
     def __init__(self, offset: int, rows: int):
         super().__init__(max_positions=rows - offset, description=f"learned absolute, from row {offset}")
-        self.offset = offset
+        self.first_row = offset
 
     def position_ids(self, stream_positions, *, capacity, position_shift):
         plain = super().position_ids(stream_positions, capacity=capacity, position_shift=position_shift)
-        return plain + self.offset
+        return plain + self.first_row
 
 
 def roberta_positions(model):
