@@ -64,8 +64,6 @@ REFUSED = {
     "speech model whose decoder is the whole model, a draft model reading its target's KV): not verified": (
         "blt", "gemma4_unified_assistant", "gemma4_assistant", "git", "moshi", "phi4_multimodal",
     ),
-    "a multimodal wrapper whose vision tower (SAM) stays above the conformance suite's size limit when shrunk, "
-    "so it is not built tiny and not verified; its text model qwen2 is served": ("got_ocr2",),
     "an audio wrapper whose forward takes position_ids only through **kwargs, so the conformance suite's "
     "reference at given positions cannot be built and the press is not verified on it": ("moss_transcribe_diarize",),
     "a multimodal wrapper whose vision tower is a timm model (timm is not among the test dependencies), so the "

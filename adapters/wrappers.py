@@ -17,7 +17,7 @@ import kvpress_lite as kvl
 
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 
-WRAPPERS = ("gemma3",) + (("gemma4", "gemma4_unified", "fuyu") if V5 else ())
+WRAPPERS = ("gemma3",) + (("gemma4", "gemma4_unified", "fuyu", "got_ocr2") if V5 else ())
 TEXT_MODEL_ALIASES = ("qwen3_5", "qwen3_5_moe", "llama4", "mllama", "emu3", "dots3_note", "qwen4_exp")
 
 
@@ -26,5 +26,5 @@ def kvpress_lite_register_adapters(register):
     register(kvl.Wrapper(model_types=WRAPPERS, description="multimodal wrapper: its language model is pressed"))
     register(kvl.Wrapper(model_types=TEXT_MODEL_ALIASES, description="built as its text model by AutoModelForCausalLM"))
     if not V5:
-        register(kvl.Refusal(model_types=("fuyu",), reason="a multimodal wrapper verified on transformers >= 5 only "
+        register(kvl.Refusal(model_types=("fuyu", "got_ocr2"), reason="a multimodal wrapper verified on transformers >= 5 only "
                              "(the suite does not build it tiny on 4.x)"))

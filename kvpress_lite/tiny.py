@@ -413,7 +413,8 @@ def tiny_config(model_type: str, num_layers: int = 2, layer=None, window: int = 
 # token ids of a wrapper's media placeholders (image, audio ...) go here, above the ids the tests
 # draw for text, so a text-only stream never holds one
 MEDIA_TOKEN_BASE = 100
-_MEDIA_SIZES = {"image_size": 32, "patch_size": 8}
+# SAM's (GOT-OCR2's) MLP and neck widths have names of their own
+_MEDIA_SIZES = {"image_size": 32, "patch_size": 8, "mlp_dim": 128, "output_channels": 64}
 
 
 def _shrink_sub(config: dict) -> dict:

@@ -53,7 +53,7 @@ def stream(model, ids):
     return torch.stack(logits), cache
 
 
-@pytest.mark.parametrize("model_type", ["gemma3", "gemma4"])
+@pytest.mark.parametrize("model_type", ["gemma3", "gemma4", "got_ocr2"])
 def test_a_wrapper_streams_text_as_its_text_model(model_type):
     wrapper, text = wrapper_and_text_model(model_type)
     ids = torch.randint(3, 99, (1, STREAM), generator=torch.Generator().manual_seed(7))  # no media placeholder ids
