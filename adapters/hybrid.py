@@ -21,7 +21,8 @@ import kvpress_lite as kvl
 
 from ._verified import from_transformers_5
 
-ROPE = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "bamba")
+# falcon_h1: Mamba-2 and attention in parallel in every layer, on one combined cache layer
+ROPE = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "bamba", "falcon_h1")
 ROPE_PER_LAYER_TYPE = ("lfm3",)  # one `<layer_type>_inv_freq` per attention layer type
 ROPE_POS_EMB = ("lfm2_moe",)  # its rotary module is the base model's `pos_emb`
 NOPE = ("jamba", "granitemoehybrid")  # attention layers without positions

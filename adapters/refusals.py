@@ -12,8 +12,9 @@ REFUSED = {
     "constant memory": ("falcon_mamba", "mamba", "mamba2"),
     "a hybrid (Griffin: RG-LRU recurrences and local attention) with a cache of its own, not transformers' "
     "DynamicCache; its local attention already keeps a fixed window": ("recurrent_gemma",),
-    "a hybrid whose tiny config does not build on this release (TypeError in its config), so the conformance "
-    "suite cannot verify it": ("qwen4_exp_text",),
+    "a hybrid whose attention layers are indexed (layer type 'indexed_attention': a learned block indexer, "
+    "Qwen4ExpTextQSAIndexer, picks the top-k key blocks each query sees), so the visible set is not sinks + window "
+    "and an evicted block may be one it would pick": ("qwen4_exp_text",),
     "a hybrid whose attention layers sit in shared transformer blocks reused across depths (one module, several "
     "cache layers); the conformance suite cannot build a tiny model with an attention layer, so it is not verified": (
         "zamba", "zamba2",
@@ -22,9 +23,6 @@ REFUSED = {
     "reference cannot be built and the press is not verified on it": ("olmo_hybrid",),
     "a hybrid that keeps its linear-attention state in a cache class of its own (MiniMaxCache), not in "
     "DynamicCache's layers the press reads": ("minimax",),
-    "a hybrid whose every layer runs Mamba-2 and attention in parallel on one cache layer, and whose masks follow "
-    "its own layer-type names: the conformance suite's multi-layer reference cannot drive it (KeyError "
-    "'full_attention'), so it is not verified": ("falcon_h1",),
     "a hybrid of linear-attention, sliding and full layers whose one-layer positions-within-cache check fails "
     "under rotate-half RoPE (tiny model, transformers 5.25: relative error 0.13), so it is refused until its "
     "position scheme is found": ("lara_mini",),

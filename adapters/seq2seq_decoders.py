@@ -3,8 +3,8 @@ its kin, the decoder half of an ``EncoderDecoderModel``; no encoder states, so t
 cross-attention never runs): BART, mBART, MVP, PLBart, BigBird-Pegasus, Blenderbot(-Small),
 Marian, Pegasus and Whisper.
 
-Their causal LM calls ``model.decoder`` directly (``decoder_path``), and the decoder (Whisper's
-aside) takes no ``position_ids``: it counts positions from the cache length and hands them to its position
+Their causal LM calls ``model.decoder`` directly (``decoder_path``), and the decoder takes no
+``position_ids`` (Whisper's does on 5.x, not its causal LM on 4.5x): it counts positions from the cache length and hands them to its position
 table, whose ``forward`` takes a ``position_ids`` keyword. The press hands its positions
 there (``position_module``). The tables are learned (BART's with its offset of 2, applied
 inside the table) or fixed sinusoids (Marian, Pegasus), both absolute and bounded: with the
@@ -50,5 +50,4 @@ def kvpress_lite_register_adapters(register):
     register(_decoder("seq2seq_decoder_sinusoidal", SINUSOIDAL, "max_position_embeddings", "sinusoidal",
                       "decoders of Marian and Pegasus as causal LMs (sinusoidal absolute positions)"))
     register(_decoder("whisper_decoder", ("whisper",), "max_target_positions", "learned",
-                      "Whisper's decoder as a causal LM (learned absolute positions)",
-                      position_module=""))  # Whisper's decoder takes position_ids itself
+                      "Whisper's decoder as a causal LM (learned absolute positions)"))

@@ -120,7 +120,9 @@ _SPECIAL: dict[str, Any] = {
     "cohere_compass_text": dict(sliding_window=4096,
                                 rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
     "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
-    "falcon_h1": dict(mamba_d_ssm=2 * HIDDEN),
+    # Falcon-H1's muP multipliers away from 1, so the checks see them (the key one scales keys before RoPE)
+    "falcon_h1": dict(mamba_d_ssm=2 * HIDDEN, key_multiplier=0.39, attention_in_multiplier=0.7,
+                      attention_out_multiplier=1.3, embedding_multiplier=5.0, lm_head_multiplier=0.8),
     "xlm": dict(pad_index=2, unk_index=3),
     "dbrx": dict(ffn_config={"ffn_hidden_size": INTERMEDIATE, "moe_num_experts": 4, "moe_top_k": 2},
                  attn_config={"kv_n_heads": KV_HEADS, "rope_theta": 10000.0, "clip_qkv": 8.0}),

@@ -99,6 +99,11 @@ def _decoder_prefix(model: nn.Module) -> str:
     return next(name + "." for name, module in model.named_modules() if module is view.base_model)
 
 
+# config fields listing the indices of the layers of one kind (Bamba's attention layers, Mllama's
+# cross-attention layers): a cut copy renumbers them
+_LAYER_INDEX_LISTS = ("attn_layer_indices", "cross_attention_layers")
+
+
 def truncated(model: nn.Module, keep: list[int]) -> nn.Module:
     """A float32 copy of ``model`` with only its (text) layers ``keep`` (in that order), real weights."""
     outer = copy.deepcopy(model.config)
@@ -106,9 +111,15 @@ def truncated(model: nn.Module, keep: list[int]) -> nn.Module:
     prefix = _decoder_prefix(model)
     n = _n_layers(config)
     for name, value in list(vars(config).items()):  # per-layer lists follow the layers kept
-        if isinstance(value, (list, tuple)) and len(value) == n and name != "architectures":
+        if name in _LAYER_INDEX_LISTS and isinstance(value, list):  # indices of layers of one kind: renumbered
+            setattr(config, name, [keep.index(i) for i in value if i in keep])
+            continue
+        # a pair or a list per role is no per-layer list (Falcon-H1's time_step_limit, mlp_multipliers)
+        per_layer = (isinstance(value, list) and not name.endswith("multipliers")) or (
+            isinstance(value, tuple) and all(isinstance(v, str) for v in value))
+        if per_layer and len(value) == n and name != "architectures":
             setattr(config, name, type(value)(value[i] for i in keep))
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+    for name in ("num_hidden_layers", "n_layer", "num_layers", "decoder_layers"):  # BART-likes: decoder_layers
         if isinstance(getattr(config, name, None), int):
             setattr(config, name, len(keep))
     small = type(model)(outer).float().eval()
@@ -145,12 +156,75 @@ def _stream(model: nn.Module, ids: torch.Tensor, position_shift: bool,
     return logits, lengths
 
 
-def _dense(model: nn.Module, ids: torch.Tensor, positions: Optional[list[int]]) -> torch.Tensor:
-    kwargs = {"attention_mask": torch.ones_like(ids), "use_cache": False}
-    if positions is not None:
-        kwargs["position_ids"] = torch.tensor([positions])
-    with torch.no_grad():
-        return model(input_ids=ids, **kwargs).logits[0, -1]
+@torch.no_grad()
+def _own_offset(model: nn.Module) -> int:
+    """The row of its position table a model gives a fresh prompt's first token (RoBERTa's
+    ``padding_idx + 1``, else 0), measured on its embedding module, so the reference reads the row
+    the model itself would use rather than the one the adapter under check says."""
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    if embeddings is None or "position_ids" not in inspect.signature(embeddings.forward).parameters:
+        return 0
+    ids = torch.full((1, 3), 5, dtype=torch.long)
+    plain = embeddings(input_ids=ids)
+    return next((k for k in range(4) if torch.equal(
+        embeddings(input_ids=ids, position_ids=torch.arange(3).view(1, -1) + k), plain)), 0)
+
+
+def _mask_kinds(model: nn.Module) -> set:
+    """The per-layer-type masks a model reads: ``config.layer_types`` and the keys of its own
+    ``create_masks_for_generate`` (Falcon-H1 names its attention and Mamba-2 masks itself)."""
+    config = _text_config(model.config)
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    own = getattr(type(model), "create_masks_for_generate", None)
+    try:
+        built = own(config=model.config, inputs_embeds=torch.empty(1, 2, 0, dtype=model.dtype),
+                    attention_mask=torch.ones(1, 2, dtype=torch.long), cache=None,
+                    position_ids=torch.arange(2).view(1, -1)) if own is not None else None
+    except Exception:  # an override needing inputs of its own: keep layer_types
+        built = None
+    return kinds | set(built) if isinstance(built, dict) else kinds
+
+
+def _parallel_recurrent(model: nn.Module) -> bool:
+    """True when a layer runs a recurrent mixer beside its attention (Falcon-H1): the model reads a
+    recurrent kind's mask. Under the press that mixer sees every token."""
+    from .cache_access import RECURRENT_LAYER_TYPES
+
+    return bool(_mask_kinds(model) & set(RECURRENT_LAYER_TYPES)) and not set(
+        getattr(_text_config(model.config), "layer_types", None) or []) & set(RECURRENT_LAYER_TYPES)
+
+
+def _dense(model: nn.Module, ids: torch.Tensor, positions: Optional[list[int]], table: Optional[nn.Module] = None,
+           kept: Optional[list[int]] = None) -> torch.Tensor:
+    """The last token's logits of one dense forward over ``ids`` at ``positions``. ``table``: the
+    position module of a decoder that takes no position_ids (they are handed there); ``kept``: for
+    a layer with a recurrent mixer beside its attention, ``ids`` is the whole prefix, the mixer runs
+    over all of it and the last token's attention sees only ``kept`` (at ``positions``)."""
+    from .cache_access import RECURRENT_LAYER_TYPES
+
+    kwargs: dict = {"attention_mask": torch.ones_like(ids), "use_cache": False}
+    if kept is not None:
+        n = ids.shape[1]
+        full = torch.zeros(n, dtype=torch.long)
+        full[kept] = torch.tensor(positions)
+        allowed = torch.ones(n, n, dtype=torch.bool).tril()
+        allowed[-1] = False
+        allowed[-1, kept] = True
+        mask = torch.zeros(n, n, dtype=model.dtype).masked_fill(~allowed, torch.finfo(model.dtype).min)[None, None]
+        kwargs["attention_mask"] = {k: None if k in RECURRENT_LAYER_TYPES else mask for k in _mask_kinds(model)}
+        positions = full.tolist()
+    handle = None
+    if positions is not None and table is not None:
+        given = torch.tensor(positions)
+        handle = table.register_forward_pre_hook(lambda m, a, k: (a, {**k, "position_ids": given}), with_kwargs=True)
+    elif positions is not None:
+        kwargs["position_ids"] = torch.tensor([positions]) + _own_offset(model)
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, **kwargs).logits[0, -1]
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def _error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -165,7 +239,12 @@ def _kept(t: int) -> list[int]:
 
 
 def _compare(small: nn.Module, ids: torch.Tensor, shift: bool, learned: bool, adapter: Any) -> float:
+    from .wrappers import text_view
+
     got, _ = _stream(small, ids, position_shift=shift, adapter=adapter)
+    takes = "position_ids" in inspect.signature(small.forward).parameters
+    table = None if takes else adapter.positions_module(text_view(small) or small)
+    parallel = _parallel_recurrent(small)
     worst = 0.0
     for t in range(CAPACITY, ids.shape[1]):
         kept = _kept(t)
@@ -175,7 +254,11 @@ def _compare(small: nn.Module, ids: torch.Tensor, shift: bool, learned: bool, ad
             positions = [min(j, CAPACITY - 1) for j in kept]
         else:
             positions = list(range(len(kept)))
-        worst = max(worst, _error(got[t], _dense(small, ids[:, kept], positions)))
+        if parallel:
+            want = _dense(small, ids[:, : t + 1], positions, table, kept=kept)
+        else:
+            want = _dense(small, ids[:, kept], positions, table)
+        worst = max(worst, _error(got[t], want))
     return worst
 
 
@@ -208,6 +291,9 @@ def verify(model: nn.Module, adapter: Any = None, seed: int = 0) -> VerifyReport
         try:
             error = fn()
         except UnsupportedModelError as exc:
+            if check == "absolute":  # a family served with position_shift=True only (Llama 4)
+                report.checks.append(Check(check, layers, "not applicable", detail="refused: " + str(exc)[:140]))
+                return
             if "nothing for the press" not in str(exc):
                 raise
             report.checks.append(Check(check, layers, "not applicable", detail="the layer keeps its own sliding "
@@ -248,7 +334,8 @@ def verify(model: nn.Module, adapter: Any = None, seed: int = 0) -> VerifyReport
 
     run("no-op", f"layers {first}", no_op)
     run("bounded", f"layers {first}", bounded)
-    takes_positions = "position_ids" in inspect.signature(adapter.decoder(model).forward).parameters
+    takes_positions = bool(adapter.position_module) or (
+        "position_ids" in inspect.signature(adapter.decoder(model).forward).parameters)
     for kind in dict.fromkeys(types):
         index = types.index(kind)
         label = f"{kind} (layer {index})"

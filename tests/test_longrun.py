@@ -29,16 +29,19 @@ def eager_press_nll(model, ids):
     return torch.tensor(out, dtype=torch.float64)
 
 
-def test_long_run_scores_every_token_keeps_memory_fixed_and_reports_blocks(tmp_path):
+@pytest.mark.parametrize("head_batch", [1, 7])  # the causal LM's call every token; the decoder + a batched head
+def test_long_run_scores_every_token_keeps_memory_fixed_and_reports_blocks(tmp_path, head_batch):
     model = tiny_model("llama")
     ids = torch.randint(0, model.config.vocab_size, (TOKENS + 1,), generator=torch.Generator().manual_seed(0))
     partial = tmp_path / "run.partial.json"
     if int(transformers.__version__.split(".")[0]) < 5:  # StreamingCache needs transformers 5: said, not crashed
         with pytest.raises(kvl.UnsupportedModelError, match="needs transformers >= 5"):
-            run_longrun(model, ids, n_sink=N_SINK, capacity=CAPACITY, block=BLOCK, dense_tokens=0)
+            run_longrun(model, ids, n_sink=N_SINK, capacity=CAPACITY, block=BLOCK, dense_tokens=0,
+                        head_batch=head_batch)
         return
     res = run_longrun(model, ids, n_sink=N_SINK, capacity=CAPACITY, block=BLOCK, dense_tokens=80, dense_chunk=16,
-                      compile=True, partial=partial, metadata={"model": "tiny", "text": "random"})
+                      compile=True, partial=partial, metadata={"model": "tiny", "text": "random"},
+                      head_batch=head_batch)
     s = res["summary"]
     assert s["recompiles"] == 0 and not partial.exists()
     assert [r["tokens"] for r in s["blocks"]] == [40, 40, 40, 30]

@@ -350,6 +350,10 @@ def add_longrun(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dense-tokens", type=int, default=16384,
                    help="dense over this many tokens first, 0 for none (default: %(default)s)")
     p.add_argument("--eager", action="store_true", help="do not compile (for a quick look)")
+    p.add_argument("--head-batch", type=int, default=256,
+                   help="score the decoder's hidden states through the output embedding this many at a time "
+                        "(the same logits; its vocabulary matrix is read once per batch), 1: the causal LM's own "
+                        "call every token (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     _output_arguments(p, "benchmarks/results/longrun", "<model>")
     p.set_defaults(func=run_longrun)
@@ -368,8 +372,8 @@ def run_longrun(args: argparse.Namespace) -> int:
     if args.from_json:
         return _rerender(args, markdown, plot)
     _check_budget(args)
-    if args.tokens < 2 or args.block < 1:
-        raise SystemExit("--tokens must be at least 2 and --block at least 1")
+    if args.tokens < 2 or args.block < 1 or args.head_batch < 1:
+        raise SystemExit("--tokens must be at least 2, --block and --head-batch at least 1")
     torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model)
     if tokenizer is None:
@@ -383,7 +387,8 @@ def run_longrun(args: argparse.Namespace) -> int:
                                torch_threads=args.threads, dtype=str(model.dtype))
     results = measure(model, ids, n_sink=args.n_sink, capacity=args.capacity, block=args.block,
                       dense_tokens=min(args.dense_tokens, args.tokens), compile=not args.eager,
-                      partial=Path(args.out) / f"{args.name}.partial.json", metadata=meta, progress=args.progress)
+                      partial=Path(args.out) / f"{args.name}.partial.json", metadata=meta, progress=args.progress,
+                      head_batch=args.head_batch)
     return _write(args, results, markdown, {args.name: plot})
 
 

@@ -283,6 +283,7 @@ def check_positions(model, adapter, position_shift: bool, scheme: str):
         press.remove()
     worst = 0.0
     with_positions = takes_position_ids(model)
+    parallel = scheme == "rope" and recurrent_beside_attention(model)
     for row, t in enumerate(range(PROMPT - 1, STREAM)):
         kept = kept_indices(t)
         if not position_shift:
@@ -293,7 +294,10 @@ def check_positions(model, adapter, position_shift: bool, scheme: str):
             positions = list(range(len(kept)))
         if not with_positions and positions != list(range(len(kept))):
             raise CheckFailed(check, "the model takes no position_ids: a reference at these positions cannot be built")
-        ref = dense_logits(model, ids[0, kept], positions if with_positions else None)
+        if parallel:
+            ref = prefix_logits(model, ids[0, : t + 1], kept, positions)
+        else:
+            ref = dense_logits(model, ids[0, kept], positions if with_positions else None)
         worst = max(worst, _close(check, got[row], ref, f"token {t} (kept {len(kept)}, positions {positions})"))
     return worst
 
@@ -338,6 +342,49 @@ def layer_visibility(config, layer_type: str):
 RECURRENT_KINDS = frozenset({"linear_attention", "conv", "mamba", "mamba2", "recurrent", "moe", "mlp"})
 
 
+def mask_kinds(model, config) -> set:
+    """The keys of the per-layer-type mask dict the model reads: its ``config.layer_types``, and the
+    keys of its own ``create_masks_for_generate`` (the function generate() builds that dict with) where
+    it names its masks otherwise. Falcon-H1's layers are all ``"hybrid"`` (Mamba-2 and attention in
+    parallel on one cache layer), and each reads the ``"full_attention"`` mask for its attention and
+    the ``"linear_attention"`` one for its Mamba-2 mixer."""
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    own = getattr(type(model), "create_masks_for_generate", None)
+    if own is None:
+        return kinds
+    try:
+        built = own(config=model.config, inputs_embeds=torch.empty(1, 2, 0, dtype=model.dtype),
+                    attention_mask=torch.ones(1, 2, dtype=torch.long), cache=None,
+                    position_ids=torch.arange(2).view(1, -1))
+    except Exception:  # an override needing inputs of its own (token types, images): keep layer_types
+        return kinds
+    return kinds | set(built) if isinstance(built, dict) else kinds
+
+
+def recurrent_beside_attention(model) -> bool:
+    """True when a layer runs a recurrent mixer beside its attention (Falcon-H1: Mamba-2 and attention
+    in parallel in every layer): the model reads a recurrent kind's mask from its per-layer-type dict.
+    Under the press that mixer sees every token, so a one-layer reference over the kept tokens alone
+    would not be the press's semantics."""
+    return takes_mask_mapping(model) and bool(mask_kinds(model, model.config.get_text_config()) & RECURRENT_KINDS)
+
+
+@torch.no_grad()
+def prefix_logits(model, prefix: torch.Tensor, kept: list[int], positions: list[int]) -> torch.Tensor:
+    """(d)/(e) reference for :func:`recurrent_beside_attention` models: logits of the last token of one
+    dense forward over the whole prefix (the recurrent mixer runs over every token, with no mask, as under
+    the press), whose attention mask lets that token see only ``kept``, at ``positions`` (the evicted
+    tokens are masked out of its attention, their positions unused). Exact for a ONE-layer model: keys
+    depend only on token and position, and the last row depends on no other row's attention output."""
+    n = prefix.numel()
+    pos = torch.zeros(n, dtype=torch.long)
+    pos[kept] = torch.tensor(positions, dtype=torch.long)
+    mask = _visible_mask(lambda i: kept if i == n - 1 else range(i + 1), n, model.dtype)
+    masks = {kind: None if kind in RECURRENT_KINDS else mask for kind in mask_kinds(model, model.config.get_text_config())}
+    out = model(input_ids=prefix.view(1, -1), attention_mask=masks, position_ids=pos.view(1, -1), use_cache=False)
+    return out.logits[0, -1]
+
+
 @torch.no_grad()
 def check_multilayer_absolute(model, adapter=None) -> float:
     """(f) ``position_shift=False`` on the 2-layer model (all its layer kinds): the streamed logits
@@ -355,9 +402,8 @@ def check_multilayer_absolute(model, adapter=None) -> float:
     finally:
         press.remove()
     config = model.config.get_text_config()  # a multimodal wrapper's layers are its text model's
-    types = list(getattr(config, "layer_types", None) or ["full_attention"])
     masks = {kind: None if kind in RECURRENT_KINDS else _visible_mask(layer_visibility(config, kind), STREAM, model.dtype)
-             for kind in set(types)}
+             for kind in mask_kinds(model, config)}
     out = model(input_ids=ids, attention_mask=masks, position_ids=torch.arange(STREAM).view(1, -1), use_cache=False)
     ref = out.logits[0, PROMPT - 1 :]
     worst = 0.0

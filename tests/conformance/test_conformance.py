@@ -295,6 +295,28 @@ def test_roberta_positions_without_the_padding_offset_fail_both_position_checks(
             check_positions(model, plain, shift, "learned")
 
 
+@pytest.mark.skipif(not SURVEYED_ON_5X, reason="Falcon-H1 is served on transformers >= 5")
+def test_a_parallel_hybrid_is_checked_against_its_mamba_over_every_token():
+    """Falcon-H1 runs Mamba-2 beside attention in every layer; under the press the Mamba part sees every
+    token, so the one-layer reference is a forward over the whole prefix with the attention masked to the
+    kept tokens. It must differ from a forward over the kept tokens alone (else the Mamba part would be
+    untested), and RoPE-less positions must fail against it."""
+    from oracle import dense_logits, kept_indices, prefix_logits, recurrent_beside_attention, stream_ids
+
+    model = _one_layer("falcon_h1")
+    assert recurrent_beside_attention(model)
+    ids, t = stream_ids(), 15
+    kept = kept_indices(t)
+    whole = prefix_logits(model, ids[0, : t + 1], kept, list(range(len(kept))))
+    alone = dense_logits(model, ids[0, kept], list(range(len(kept))))
+    assert float((whole - alone).abs().max() / whole.abs().max()) > 100 * TOL
+    assert check_positions(model, None, True, "rope") <= TOL
+    blind = kvl.Adapter(name="blind", model_types=("falcon_h1",), attention_path="layers.*.self_attn",
+                        positions=kvl.no_positions())
+    with pytest.raises(CheckFailed, match=r"^\(e\)"):
+        check_positions(model, blind, True, "rope")
+
+
 def test_unbounded_cache_fails_the_bounded_check():
     """OPT's causal-LM wrapper calls model.decoder directly: the press's hooks on the base model
     never run, and only the bounded check notices."""
