@@ -165,7 +165,13 @@ class Wrapper:
 
     >>> Wrapper(model_types=("gemma3",), description="Gemma 3 4B+ (vision)").model_types
     ('gemma3',)
+    >>> Wrapper(model_types=("got_ocr2",), media=True).media
+    True
     """
 
     model_types: tuple[str, ...]
     description: str = ""
+    #: True where the wrapper's media tokens are ordinary causal cache entries (no bidirectional
+    #: image block, no special mask: GOT-OCR2): calls carrying images are then served, as long as
+    #: each such call fits in the cache in one piece; False: media calls are refused
+    media: bool = False

@@ -218,10 +218,11 @@ class Attachment:
         if args:  # transformers passes everything by keyword; a user may pass input_ids positionally
             kwargs.setdefault("input_ids", args[0])
             args = ()
-        if self.view is not None and (media := multimodal_inputs(kwargs)):
+        media = multimodal_inputs(kwargs) if self.view is not None else []
+        if media and not _serves_media(self.model):
             raise UnsupportedGenerationError(
                 f"this call to the composite model {type(self.model).__name__} carries {', '.join(media)}: image, video "
-                "and audio inputs are not served under the press yet (the wrapper treats them specially, Gemma 3 "
+                "and audio inputs are not served under the press for this wrapper (it treats them specially: Gemma 3 "
                 "attends bidirectionally within an image block, and an eviction could cut through one). Stream text "
                 "through it, or run media prompts without the press."
             )
@@ -270,6 +271,13 @@ class Attachment:
         chunk = self.press.prefill_chunk_size or stream.window
         if self.layers.max_call is not None:
             chunk = min(chunk, self.layers.max_call)
+        if media and stream.stored + q > stream.capacity and q > chunk and self.chunked is None:
+            raise UnsupportedGenerationError(
+                f"this call carries {', '.join(media)} and {q} tokens, more than the press takes in one piece "
+                f"({chunk}) with {stream.stored} of {stream.capacity} entries already cached: prefill in chunks would "
+                "separate the media inputs from the placeholders they fill. Send the media in a shorter call (text "
+                "before it in calls of its own), or raise capacity."
+            )
         if stream.stored + q > stream.capacity and q > chunk and self.chunked is None:
             chunked = ChunkedPrefill(kwargs, q, chunk)
             last = chunked.run_prefix(module)
@@ -461,6 +469,12 @@ class Attachment:
 
 # keywords that make a call attend to another model's states (seq2seq decoders, Mllama's image layers)
 CROSS_ATTENTION_INPUTS = ("encoder_hidden_states", "cross_attention_states")
+
+
+def _serves_media(model: nn.Module) -> bool:
+    from .registry import get_registry, model_type_of
+
+    return get_registry().serves_media(model_type_of(model))
 
 
 def _under_torch_compile() -> bool:

@@ -61,6 +61,7 @@ class Registry:
         self._adapters: Optional[dict[str, AdapterInfo]] = None
         self._refusals: dict[str, tuple[str, str]] = {}  # model_type -> (reason, plugin)
         self._wrappers: dict[str, tuple[str, str]] = {}  # model_type -> (description, plugin)
+        self._media: set[str] = set()  # wrappers whose media calls are served (Wrapper.media)
 
     # -- loading -----------------------------------------------------------------
     def load_entry_points(self) -> None:
@@ -104,6 +105,7 @@ class Registry:
         found: dict[str, AdapterInfo] = {}
         refusals: dict[str, tuple[str, str]] = {}
         wrappers: dict[str, tuple[str, str]] = {}
+        media: set[str] = set()
         for impl in self.manager.hook.kvpress_lite_register_adapters.get_hookimpls():
             plugin_name = impl.plugin_name
             dist, version = self._dists.get(plugin_name, (None, None))
@@ -129,6 +131,8 @@ class Registry:
                 if isinstance(item, Wrapper):
                     for model_type in item.model_types:
                         wrappers.setdefault(model_type, (item.description, plugin_name))
+                        if item.media:
+                            media.add(model_type)
                     continue
                 if item.name in found:
                     self._report(
@@ -137,7 +141,7 @@ class Registry:
                     )
                     continue
                 found[item.name] = AdapterInfo(item.name, item.model_types, plugin_name, dist, version, item)
-        self._adapters, self._refusals, self._wrappers = found, refusals, wrappers
+        self._adapters, self._refusals, self._wrappers, self._media = found, refusals, wrappers, media
         return found
 
     def refusals(self) -> dict[str, tuple[str, str]]:
@@ -149,6 +153,11 @@ class Registry:
         """``model_type -> (description, plugin)`` for every composite type served through its text model."""
         self.adapters()
         return self._wrappers
+
+    def serves_media(self, model_type: Optional[str]) -> bool:
+        """True for a wrapper whose media tokens are ordinary cache entries (``Wrapper(media=True)``)."""
+        self.adapters()
+        return model_type in self._media
 
     def find(self, model: nn.Module, name: str | None = None) -> Adapter:
         adapters = self.adapters()

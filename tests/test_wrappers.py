@@ -112,3 +112,50 @@ def test_the_static_cache_refuses_a_wrapper_naming_the_eager_press():
     wrapper, _ = wrapper_and_text_model("gemma3")
     with pytest.raises(kvl.UnsupportedModelError, match="multimodal wrapper .*apply_press"):
         StreamingCache(wrapper, n_sink=N_SINK, capacity=CAPACITY)
+
+
+@torch.no_grad()
+def test_an_image_in_a_got_ocr2_stream_is_an_ordinary_cache_entry():
+    """GOT-OCR2's image tokens enter its language model as causal entries (no block of their own), so a
+    call carrying an image is served: the image token sits in the cache like a text token and is evicted
+    like one. Reference (one text layer, so keys depend only on token and position): token t's logits
+    equal one dense forward of the wrapper over the kept tokens at positions 0..L-1, with the image while
+    its placeholder is kept. The image matters (another image moves the logits), and a media call too
+    long for the cache in one piece is refused."""
+    from kvpress_lite.tiny import tiny_model
+
+    model = tiny_model("got_ocr2", 1)
+    image_id, at, length = model.config.image_token_index, 5, 30
+    ids = torch.randint(3, 99, (1, length), generator=torch.Generator().manual_seed(1))
+    ids[0, at] = image_id
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    got = []
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
+        out = model(input_ids=ids[:, : at + 2], pixel_values=pixels, use_cache=True)
+        cache = out.past_key_values
+        got.append(out.logits[0, -1])
+        for t in range(at + 2, length):
+            got.append(model(input_ids=ids[:, t : t + 1], use_cache=True, past_key_values=cache).logits[0, -1])
+        with pytest.raises(kvl.UnsupportedGenerationError, match="in one piece"):
+            model(input_ids=ids[:, : CAPACITY + 4], pixel_values=pixels, use_cache=True)
+    bound = float32_bound(model.config.get_text_config(), CAPACITY + 1, runs=2)
+    evicted = 0
+    for row, t in enumerate(range(at + 1, length)):
+        kept = [j for j in range(t + 1) if j < N_SINK or j >= t - (CAPACITY - N_SINK)]
+        media = {"pixel_values": pixels} if at in kept else {}
+        want = model(input_ids=ids[:, kept], attention_mask=torch.ones(1, len(kept), dtype=torch.long),
+                     position_ids=torch.arange(len(kept)).view(1, -1), use_cache=False, **media).logits[0, -1]
+        assert float((got[row] - want).abs().max() / want.abs().max().clamp(min=1.0)) <= bound, t
+        evicted += at not in kept
+    assert evicted > 10  # the image left the cache, and the stream went on exactly
+    other = model(input_ids=ids[:, : at + 2], pixel_values=pixels.flip(-1), use_cache=False).logits[0, -1]
+    assert float((other - got[0]).abs().max()) > 1e-2
+    with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):  # generate() with the image: as the plain loop
+        prompt = ids[:, : at + 2]
+        seq = model.generate(prompt, pixel_values=pixels, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
+                             do_sample=False, pad_token_id=0)
+        out = model(input_ids=seq[:, : at + 2], pixel_values=pixels, use_cache=True)
+        cache, picks = out.past_key_values, [out.logits[0, -1].argmax()]
+        for t in range(at + 2, seq.shape[1] - 1):
+            picks.append(model(input_ids=seq[:, t : t + 1], use_cache=True, past_key_values=cache).logits[0, -1].argmax())
+    assert torch.equal(torch.stack(picks), seq[0, at + 2 :])
