@@ -20,7 +20,7 @@ V5 = int(transformers.__version__.split(".")[0]) >= 5
 WRAPPERS = ("gemma3",) + (("gemma4", "gemma4_unified", "fuyu", "got_ocr2") if V5 else ())
 # wrappers whose image tokens enter the language model as ordinary causal entries (no bidirectional
 # block, no mask of their own): calls with images are served (tests/test_wrappers.py proves it exact)
-MEDIA = ("got_ocr2",) if V5 else ()
+MEDIA = ("got_ocr2", "fuyu") if V5 else ()
 TEXT_MODEL_ALIASES = ("qwen3_5", "qwen3_5_moe", "llama4", "mllama", "emu3", "dots3_note", "qwen4_exp")
 
 

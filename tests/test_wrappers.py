@@ -114,21 +114,29 @@ def test_the_static_cache_refuses_a_wrapper_naming_the_eager_press():
         StreamingCache(wrapper, n_sink=N_SINK, capacity=CAPACITY)
 
 
+def one_image(model, model_type):
+    """(placeholder id, pixel_values) of one image that fills one placeholder token."""
+    gen = torch.Generator().manual_seed(2)
+    if model_type == "fuyu":  # patches, flattened: [batch, patches, patch_size**2 * channels]
+        return model.config.image_token_id, torch.randn(1, 1, model.model.vision_embed_tokens.in_features, generator=gen)
+    return model.config.image_token_index, torch.randn(1, 3, 32, 32, generator=gen)
+
+
+@pytest.mark.parametrize("model_type", ["got_ocr2", "fuyu"])
 @torch.no_grad()
-def test_an_image_in_a_got_ocr2_stream_is_an_ordinary_cache_entry():
-    """GOT-OCR2's image tokens enter its language model as causal entries (no block of their own), so a
-    call carrying an image is served: the image token sits in the cache like a text token and is evicted
+def test_an_image_in_a_causal_wrappers_stream_is_an_ordinary_cache_entry(model_type):
+    """GOT-OCR2's and Fuyu's image tokens enter their language model as causal entries (no block of their
+    own), so a call carrying an image is served: the image token sits in the cache like a text token and is evicted
     like one. Reference (one text layer, so keys depend only on token and position): token t's logits
     equal one dense forward of the wrapper over the kept tokens at positions 0..L-1, with the image while
     its placeholder is kept. The image matters (another image moves the logits), and a media call too
     long for the cache in one piece is refused."""
     from kvpress_lite.tiny import tiny_model
 
-    model = tiny_model("got_ocr2", 1)
-    image_id, at, length = model.config.image_token_index, 5, 30
+    model = tiny_model(model_type, 1)
+    (image_id, pixels), at, length = one_image(model, model_type), 5, 30
     ids = torch.randint(3, 99, (1, length), generator=torch.Generator().manual_seed(1))
     ids[0, at] = image_id
-    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     got = []
     with kvl.apply_press(model, n_sink=N_SINK, capacity=CAPACITY):
         out = model(input_ids=ids[:, : at + 2], pixel_values=pixels, use_cache=True)
