@@ -41,7 +41,7 @@ def test_long_run_scores_every_token_keeps_memory_fixed_and_reports_blocks(tmp_p
         return
     res = run_longrun(model, ids, n_sink=N_SINK, capacity=CAPACITY, block=BLOCK, dense_tokens=80, dense_chunk=16,
                       compile=True, partial=partial, metadata={"model": "tiny", "text": "random"},
-                      head_batch=head_batch)
+                      head_batch=head_batch, fresh=head_batch > 1)
     s = res["summary"]
     assert s["recompiles"] == 0 and not partial.exists()
     assert [r["tokens"] for r in s["blocks"]] == [40, 40, 40, 30]
@@ -58,6 +58,14 @@ def test_long_run_scores_every_token_keeps_memory_fixed_and_reports_blocks(tmp_p
     assert len(dense) == 2 and dense[1] == 2 * dense[0]
     later = sorted(r["ppl"] for r in s["blocks"][1:3])
     assert s["blocks_after_first"] == 2 and math.isclose(s["median_block_ppl"], sum(later) / 2)  # full blocks only
+    if head_batch > 1:  # the text's own difficulty: one dense forward over each block alone, no cache
+        for row in s["blocks"]:
+            lo, hi = row["start"], min(row["start"] + BLOCK, TOKENS)
+            with torch.no_grad():
+                logits = model(input_ids=ids[None, lo:hi], use_cache=False).logits[0]
+            want = math.exp(float(F.cross_entropy(logits, ids[lo + 1 : hi + 1])))
+            assert abs(math.log(row["fresh_ppl"] / want)) <= 2 * float32_bound(model.config, BLOCK, runs=2)
+        assert s["ratios"] == 3 and "fresh-block ppl" in markdown(res)
     text = markdown(res)
     assert "| 0-40 |" in text and "0 recompiles" in text
     plot(res, tmp_path / "long.png")

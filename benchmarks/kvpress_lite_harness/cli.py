@@ -354,6 +354,9 @@ def add_longrun(subparsers) -> argparse.ArgumentParser:
                    help="score the decoder's hidden states through the output embedding this many at a time "
                         "(the same logits; its vocabulary matrix is read once per batch), 1: the causal LM's own "
                         "call every token (default: %(default)s)")
+    p.add_argument("--fresh-blocks", action="store_true",
+                   help="also the dense model over each block from a fresh cache: the text's own difficulty per "
+                        "block, beside the press's (with --from-json: added to that run's results)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     _output_arguments(p, "benchmarks/results/longrun", "<model>")
     p.set_defaults(func=run_longrun)
@@ -364,11 +367,21 @@ def run_longrun(args: argparse.Namespace) -> int:
     import torch
 
     from .embedded import model_display_name, needs_bos
-    from .longrun import markdown, plot, run_longrun as measure
+    from .longrun import add_fresh, fresh_blocks, markdown, plot, run_longrun as measure
     from .models import load
     from .perplexity import tokenize_prefix
     from .texts import load_text
 
+    if args.from_json and args.fresh_blocks:  # the text's own difficulty, added to a finished run
+        torch.set_num_threads(args.threads)
+        results = report.load_json(args.from_json)
+        meta = results["metadata"]
+        model, tokenizer = load(args.model)
+        ids = tokenize_prefix(tokenizer, load_text(meta["text"]), meta["tokens"] + 1, bos=needs_bos(args.model, model))
+        add_fresh(results["summary"], fresh_blocks(model, ids, block=meta["block"], progress=args.progress))
+        meta["fresh_blocks_command"] = report.command_line("longrun")
+        report.write_json(results, Path(args.from_json))
+        return _rerender(args, markdown, plot)
     if args.from_json:
         return _rerender(args, markdown, plot)
     _check_budget(args)
@@ -388,7 +401,7 @@ def run_longrun(args: argparse.Namespace) -> int:
     results = measure(model, ids, n_sink=args.n_sink, capacity=args.capacity, block=args.block,
                       dense_tokens=min(args.dense_tokens, args.tokens), compile=not args.eager,
                       partial=Path(args.out) / f"{args.name}.partial.json", metadata=meta, progress=args.progress,
-                      head_batch=args.head_batch)
+                      head_batch=args.head_batch, fresh=args.fresh_blocks)
     return _write(args, results, markdown, {args.name: plot})
 
 

@@ -172,6 +172,43 @@ def stream_dense(model: torch.nn.Module, ids: torch.Tensor, *, chunk: int, block
     return {"nll": nll, "samples": samples, "tokens_per_second": (T - 1) / (time.perf_counter() - start)}
 
 
+def fresh_blocks(model: torch.nn.Module, ids: torch.Tensor, *, block: int, chunk: int = 512,
+                 progress: bool = False) -> list[float]:
+    """The text's own difficulty, block by block: the dense model over each ``block`` of ``ids`` read
+    from a fresh cache (inside its trained context), perplexity of the block's next-token predictions.
+    Beside the press's blocks it says how much of their spread is the text's."""
+    from transformers import DynamicCache
+
+    from kvpress_lite.cache_access import model_cache_kwarg
+
+    kwarg, out = model_cache_kwarg(model), []
+    starts = range(0, ids.numel() - 1, block)
+    bar = _bar(len(starts), "fresh blocks", progress)
+    with torch.no_grad(), bar:
+        for start in starts:
+            end = min(start + block, ids.numel() - 1)  # predictions of ids[start + 1 .. end]
+            cache, total = DynamicCache(config=model.config), 0.0
+            for lo in range(start, end, chunk):
+                hi = min(lo + chunk, end)
+                logits = model(input_ids=ids[None, lo:hi], use_cache=True, **{kwarg: cache}).logits[0].float()
+                total += float(F.cross_entropy(logits, ids[lo + 1 : hi + 1], reduction="sum"))
+            out.append(math.exp(total / max(1, end - start)))
+            bar.update(1)
+    return out
+
+
+def add_fresh(summary: dict, fresh: list[float]) -> dict:
+    """Put the fresh-block perplexities beside the press's blocks, with the spread of their ratio."""
+    for row, ppl in zip(summary["blocks"], fresh):
+        row["fresh_ppl"] = ppl
+    ratios = [r["ppl"] / r["fresh_ppl"] for r in summary["blocks"][1:] if r.get("fresh_ppl")]
+    if ratios:
+        mid = statistics.median(ratios)
+        summary.update(median_ratio_to_fresh=mid, worst_ratio_deviation=max(abs(x / mid - 1) for x in ratios),
+                       ratios_within_10pct=sum(abs(x / mid - 1) <= 0.10 for x in ratios), ratios=len(ratios))
+    return summary
+
+
 def summarize(press: dict, dense: Optional[dict], *, block: int) -> dict:
     """Blocks side by side, the spread of the press's blocks around their median."""
     rows = block_table(press["nll"], block)
@@ -201,7 +238,7 @@ def summarize(press: dict, dense: Optional[dict], *, block: int) -> dict:
 def run_longrun(model: torch.nn.Module, ids: torch.Tensor, *, n_sink: int = 4, capacity: int = 1024,
                 block: int = 4096, dense_tokens: int = 16384, dense_chunk: int = 512, compile: bool = True,
                 partial: Optional[Path] = None, metadata: Optional[dict] = None, progress: bool = False,
-                head_batch: int = 256) -> dict:
+                head_batch: int = 256, fresh: bool = False) -> dict:
     """The press over all of ``ids``, dense over its first ``dense_tokens``; JSON-ready results."""
     torch.manual_seed(0)
     dense = None
@@ -216,7 +253,10 @@ def run_longrun(model: torch.nn.Module, ids: torch.Tensor, *, n_sink: int = 4, c
 
     press = stream_compiled(model, ids, n_sink=n_sink, capacity=capacity, block=block, on_block=checkpoint,
                             compile=compile, progress=progress, head_batch=head_batch)
-    result = {"metadata": meta, "summary": summarize(press, dense, block=block),
+    summary = summarize(press, dense, block=block)
+    if fresh:
+        add_fresh(summary, fresh_blocks(model, ids, block=block, chunk=dense_chunk, progress=progress))
+    result = {"metadata": meta, "summary": summary,
               "press_samples": press["samples"], "dense_samples": dense["samples"] if dense else []}
     if partial is not None:
         Path(partial).unlink(missing_ok=True)
@@ -236,11 +276,19 @@ def markdown(results: dict) -> str:
               f"- median block perplexity (blocks after the first): {fmt(s['median_block_ppl'])}; "
               f"{s['blocks_within_10pct']} of {s['blocks_after_first']} within 10% of it, worst "
               f"{100 * s['worst_block_deviation']:.1f}% away",
-              f"- process memory growth from block 2 to the end: {human_bytes(s['rss_growth_bytes'])}", ""]
-    rows = [[f"{r['start']:,}-{r['start'] + r['tokens']:,}", fmt(r["ppl"]), fmt(r.get("dense_ppl")),
-             human_bytes(r.get("press_rss_bytes")), human_bytes(r.get("press_cache_bytes")),
-             human_bytes(r.get("dense_cache_bytes"))] for r in s["blocks"]]
-    lines += table(["tokens", "press ppl", "dense ppl", "press RSS", "press KV", "dense KV"], rows)
+              f"- process memory growth from block 2 to the end: {human_bytes(s['rss_growth_bytes'])}"]
+    if s.get("ratios"):
+        lines.append(f"- the text's own difficulty (dense over each block from a fresh cache): the press's block "
+                     f"perplexity is a median {s['median_ratio_to_fresh']:.3f}x of it; {s['ratios_within_10pct']} of "
+                     f"{s['ratios']} blocks within 10% of that ratio, worst {100 * s['worst_ratio_deviation']:.1f}% away")
+    lines.append("")
+    fresh = any("fresh_ppl" in r for r in s["blocks"])
+    rows = [[f"{r['start']:,}-{r['start'] + r['tokens']:,}", fmt(r["ppl"]), fmt(r.get("dense_ppl"))]
+            + ([fmt(r.get("fresh_ppl"))] if fresh else [])
+            + [human_bytes(r.get("press_rss_bytes")), human_bytes(r.get("press_cache_bytes")),
+               human_bytes(r.get("dense_cache_bytes"))] for r in s["blocks"]]
+    lines += table(["tokens", "press ppl", "dense ppl"] + (["fresh-block ppl"] if fresh else [])
+                   + ["press RSS", "press KV", "dense KV"], rows)
     return "\n".join(lines) + "\n"
 
 
@@ -253,6 +301,9 @@ def plot(results: dict, path: Path) -> None:
     dense = [(m, r["dense_ppl"]) for m, r in zip(mid, s["blocks"]) if r.get("dense_ppl") is not None]
     if dense:
         ax.plot(*zip(*dense), "s--", color="tab:red", label="dense")
+    fresh = [(m, r["fresh_ppl"]) for m, r in zip(mid, s["blocks"]) if r.get("fresh_ppl") is not None]
+    if fresh:
+        ax.plot(*zip(*fresh), "^:", color="tab:green", label="dense, each block from a fresh cache")
     ax.axhline(s["median_block_ppl"], color="grey", lw=0.8)
     ax.axhspan(0.9 * s["median_block_ppl"], 1.1 * s["median_block_ppl"], color="grey", alpha=0.12,
                label="median block ±10%")
