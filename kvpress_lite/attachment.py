@@ -160,6 +160,7 @@ class Attachment:
         self.position_target = adapter.positions_module(model)
         self.positions: Optional[torch.Tensor] = None
         takes = inspect.signature(self.base.forward).parameters
+        self.base_kwargs = set(takes)
         if self.position_target is None and "position_ids" not in takes and not any(
                 p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values()):
             raise UnsupportedModelError(
@@ -169,7 +170,6 @@ class Attachment:
             )
         indices = [_layer_index(attention, i) for i, attention in enumerate(attentions)]
         self.layers = plan_layers(model, indices, press.n_sink, press.capacity)
-        self.base_kwargs = set(inspect.signature(self.base.forward).parameters)
         self.n_layers = len(attentions)
         self.layer_order = sorted(self.layers.pressed + self.layers.sliding)
         self.settings = settings_of(press, adapter.name, self.scheme.description)

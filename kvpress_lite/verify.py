@@ -185,21 +185,22 @@ def _mask_kinds(model: nn.Module) -> set:
     return kinds | set(built) if isinstance(built, dict) else kinds
 
 
-def _parallel_recurrent(model: nn.Module) -> bool:
+def _parallel_recurrent(model: nn.Module, kinds: set) -> bool:
     """True when a layer runs a recurrent mixer beside its attention (Falcon-H1): the model reads a
-    recurrent kind's mask. Under the press that mixer sees every token."""
+    recurrent kind's mask (``kinds``: :func:`_mask_kinds`). Under the press that mixer sees every token."""
     from .cache_access import RECURRENT_LAYER_TYPES
 
-    return bool(_mask_kinds(model) & set(RECURRENT_LAYER_TYPES)) and not set(
+    return bool(kinds & set(RECURRENT_LAYER_TYPES)) and not set(
         getattr(_text_config(model.config), "layer_types", None) or []) & set(RECURRENT_LAYER_TYPES)
 
 
 def _dense(model: nn.Module, ids: torch.Tensor, positions: Optional[list[int]], table: Optional[nn.Module] = None,
-           kept: Optional[list[int]] = None) -> torch.Tensor:
+           kept: Optional[list[int]] = None, kinds: frozenset = frozenset()) -> torch.Tensor:
     """The last token's logits of one dense forward over ``ids`` at ``positions``. ``table``: the
     position module of a decoder that takes no position_ids (they are handed there); ``kept``: for
     a layer with a recurrent mixer beside its attention, ``ids`` is the whole prefix, the mixer runs
-    over all of it and the last token's attention sees only ``kept`` (at ``positions``)."""
+    over all of it and the last token's attention sees only ``kept`` (at ``positions``), through one
+    mask per kind of ``kinds`` (:func:`_mask_kinds`)."""
     from .cache_access import RECURRENT_LAYER_TYPES
 
     kwargs: dict = {"attention_mask": torch.ones_like(ids), "use_cache": False}
@@ -211,7 +212,7 @@ def _dense(model: nn.Module, ids: torch.Tensor, positions: Optional[list[int]], 
         allowed[-1] = False
         allowed[-1, kept] = True
         mask = torch.zeros(n, n, dtype=model.dtype).masked_fill(~allowed, torch.finfo(model.dtype).min)[None, None]
-        kwargs["attention_mask"] = {k: None if k in RECURRENT_LAYER_TYPES else mask for k in _mask_kinds(model)}
+        kwargs["attention_mask"] = {k: None if k in RECURRENT_LAYER_TYPES else mask for k in kinds}
         positions = full.tolist()
     handle = None
     if positions is not None and table is not None:
@@ -244,7 +245,8 @@ def _compare(small: nn.Module, ids: torch.Tensor, shift: bool, learned: bool, ad
     got, _ = _stream(small, ids, position_shift=shift, adapter=adapter)
     takes = "position_ids" in inspect.signature(small.forward).parameters
     table = None if takes else adapter.positions_module(text_view(small) or small)
-    parallel = _parallel_recurrent(small)
+    kinds = _mask_kinds(small)
+    parallel = _parallel_recurrent(small, kinds)
     worst = 0.0
     for t in range(CAPACITY, ids.shape[1]):
         kept = _kept(t)
@@ -255,7 +257,7 @@ def _compare(small: nn.Module, ids: torch.Tensor, shift: bool, learned: bool, ad
         else:
             positions = list(range(len(kept)))
         if parallel:
-            want = _dense(small, ids[:, : t + 1], positions, table, kept=kept)
+            want = _dense(small, ids[:, : t + 1], positions, table, kept=kept, kinds=kinds)
         else:
             want = _dense(small, ids[:, kept], positions, table)
         worst = max(worst, _error(got[t], want))
